@@ -1,0 +1,30 @@
+"""numpyro_hbmeta: gradient-based meta-learning as hierarchical Bayes, in NumPyro.
+
+Grant, Finn, Levine, Darrell and Griffiths (ICLR 2018) showed that MAML is empirical Bayes in
+a hierarchical model (global θ, task φ_j ~ p(φ | θ)) with the task posterior replaced by a few
+steps of gradient descent, and LLAMA improves it with a Laplace approximation. This package
+lets a NumPyro user write that model once and fit it with MAML, LLAMA and Laplace empirical
+Bayes, and check them against NUTS on the same model.
+"""
+
+from numpyro_hbmeta.data import TaskData
+from numpyro_hbmeta.eb import MetaEB, MetaEBResult
+from numpyro_hbmeta.handler import MetaMarginal, meta_marginal
+from numpyro_hbmeta.implicit_prior import implicit_prior
+from numpyro_hbmeta.inner import InnerInfo, Newton, TruncatedGD
+from numpyro_hbmeta.plate import tasks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InnerInfo",
+    "MetaEB",
+    "MetaEBResult",
+    "MetaMarginal",
+    "Newton",
+    "TaskData",
+    "TruncatedGD",
+    "implicit_prior",
+    "meta_marginal",
+    "tasks",
+]

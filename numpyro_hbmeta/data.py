@@ -1,0 +1,73 @@
+"""Task-major data containers shared by the model zoo, the drivers and the command line.
+
+Data are task-major: the leading axis of every array is the task, the second (where there
+is one) the point within the task, as in ``x: (tasks, points, features)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["TaskData", "concat_points", "num_tasks", "take_tasks"]
+
+
+class TaskData(NamedTuple):
+    """What a zoo model's ``load_data`` returns.
+
+    Attributes:
+        support: keyword arguments of the model for the support (adaptation) set.
+        query: keyword arguments for the query (held-out) set, or ``None``.
+        task_labels: one label per task, used as the ArviZ ``tasks`` coordinate.
+        truth: the simulation's parameter values by site name, or ``None`` for real data.
+    """
+
+    support: dict[str, Any]
+    query: dict[str, Any] | None = None
+    task_labels: list[str] | None = None
+    truth: dict[str, Any] | None = None
+
+    def all_data(self) -> dict[str, Any]:
+        """Support and query joined along the points axis (the data a statistician fits)."""
+        return self.support if self.query is None else concat_points(self.support, self.query)
+
+
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def concat_points(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """Join two task-major data dicts along axis 1 (points); other entries must agree."""
+    out = {}
+    for key, value in first.items():
+        other = second.get(key)
+        if _is_array(value) and jnp.ndim(value) >= 2 and other is not None:
+            out[key] = jnp.concatenate([jnp.asarray(value), jnp.asarray(other)], axis=1)
+        else:
+            out[key] = value
+    return out
+
+
+def num_tasks(data: Mapping[str, Any]) -> int | None:
+    """The common leading-axis length of the arrays in ``data`` (``None`` if no arrays)."""
+    sizes = {k: jnp.shape(v)[0] for k, v in data.items() if _is_array(v) and jnp.ndim(v) >= 1}
+    return next(iter(sizes.values())) if sizes else None
+
+
+def take_tasks(data: Mapping[str, Any], indices: jnp.ndarray) -> dict[str, Any]:
+    """Slice the task axis of every array in ``data`` (non-arrays pass unchanged)."""
+    return {
+        key: jnp.take(jnp.asarray(value), indices, axis=0)
+        if _is_array(value) and jnp.ndim(value) >= 1
+        else value
+        for key, value in data.items()
+    }
+
+
+def tree_finite(tree: Any) -> jnp.ndarray:
+    """True when every leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

@@ -1,0 +1,171 @@
+"""Per-task log densities of a model, as functions of the flat task parameters.
+
+For fixed globals θ and task data D_j, the model's log joint splits over tasks,
+
+    log p(D, Φ | θ) = Σ_j [ log p(D_j | φ_j) + log p(φ_j | θ) ],
+
+and the inner solvers and curvature backends work with the two per-task terms as functions
+of Φ, an array of shape (tasks, d) holding each task's unconstrained parameters flattened
+(the layout is :class:`~numpyro_hbmeta.introspect.SiteSpec`). ``log p(φ_j | θ)`` includes the
+log-Jacobian of the map from unconstrained to constrained values, so densities are in the
+space the solvers move in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
+from numpyro.distributions.util import sum_rightmost
+
+from numpyro_hbmeta.introspect import SiteSpec, TaskSpec
+
+__all__ = ["TaskLogDensity", "flatten", "task_log_density", "unflatten"]
+
+
+class TaskLogDensity(NamedTuple):
+    """Per-task terms of the log joint, each of shape (tasks,)."""
+
+    log_lik: jnp.ndarray
+    log_prior: jnp.ndarray
+
+    @property
+    def log_joint(self) -> jnp.ndarray:
+        return self.log_lik + self.log_prior
+
+
+def unflatten(spec: TaskSpec, phi: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """(tasks, d) -> unconstrained site values, each in its site's own layout."""
+    out = {}
+    for site in spec.task_sites:
+        rest = tuple(s for a, s in enumerate(site.unconstrained_shape) if a != site.task_axis)
+        block = phi[:, site.offset:site.offset + site.size].reshape((phi.shape[0], *rest))
+        out[site.name] = jnp.moveaxis(block, 0, site.task_axis)
+    return out
+
+
+def flatten(spec: TaskSpec, values: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+    """Unconstrained site values -> (tasks, d), the inverse of :func:`unflatten`."""
+    blocks = []
+    for site in spec.task_sites:
+        value = jnp.moveaxis(values[site.name], site.task_axis, 0)
+        blocks.append(value.reshape(value.shape[0], -1))
+    return jnp.concatenate(blocks, axis=-1)
+
+
+def per_task_sum(x: jnp.ndarray, spec: TaskSpec, name: str) -> jnp.ndarray:
+    """Sum a site's batch-shaped log density over every axis but the task axis."""
+    x = jnp.asarray(x)
+    if x.ndim < -spec.plate_dim or x.shape[spec.plate_dim] != spec.subsample_size:
+        raise ValueError(
+            f"site {name!r}: its log density has shape {x.shape}, with no task axis of size "
+            f"{spec.subsample_size} at dim {spec.plate_dim}; a task site must depend on its task"
+        )
+    return jnp.moveaxis(x, spec.plate_dim, 0).reshape(spec.subsample_size, -1).sum(-1)
+
+
+def _user_scale(site: Mapping[str, Any], spec: TaskSpec) -> float | jnp.ndarray:
+    # A subsampled tasks plate scales each site by size / subsample_size; the per-task
+    # objective must not carry that scale (the outer factor does), any other scale stays.
+    scale = site["scale"]
+    if scale is None:
+        return 1.0
+    return scale * spec.subsample_size / spec.size
+
+
+def constrain(site_fn, unconstrained: jnp.ndarray) -> jnp.ndarray:
+    return biject_to(site_fn.support)(unconstrained)
+
+
+def trace_substituted(model: Callable, data: Mapping[str, Any],
+                      substitute_fn: Callable) -> dict[str, Any]:
+    """Trace ``model(**data)`` with ``substitute_fn`` answering every latent site, hidden from
+    outer handlers (an inner re-run must not reach an outer trace, sampler or rng seed)."""
+    with handlers.block(), handlers.trace() as tr, handlers.substitute(
+            substitute_fn=substitute_fn):
+        model(**data)
+    return tr
+
+
+def task_log_density(model: Callable, spec: TaskSpec, globals_: Mapping[str, jnp.ndarray],
+                     indices: jnp.ndarray, data: Mapping[str, Any],
+                     phi: jnp.ndarray) -> TaskLogDensity:
+    """Per-task log p(D_j | φ_j) and log p(φ_j | θ) (+ log-Jacobian) at Φ = ``phi``.
+
+    Args:
+        model: the user's model.
+        spec: its task structure.
+        globals_: constrained values of the global latent sites.
+        indices: the subsample indices of the tasks plate (all tasks when not subsampled).
+        data: the model's keyword arguments for this data set (support or query).
+        phi: (tasks, d) unconstrained task parameters.
+    """
+    unconstrained = unflatten(spec, phi)
+
+    def substitute_fn(msg):
+        name = msg["name"]
+        if msg["type"] == "plate":
+            return indices if name == spec.plate_name else None
+        if msg["type"] != "sample" or msg.get("is_observed"):
+            return None
+        if name in unconstrained:
+            return constrain(msg["fn"], unconstrained[name])
+        if name in globals_:
+            return globals_[name]
+        raise ValueError(f"latent site {name!r} appeared in a re-run of the model but not in "
+                         "its first trace; the model's structure must not depend on values")
+
+    tr = trace_substituted(model, data, substitute_fn)
+    return _sum_task_sites(tr, spec, unconstrained)
+
+
+def _sum_task_sites(tr, spec: TaskSpec, unconstrained) -> TaskLogDensity:
+    log_lik = jnp.zeros(spec.subsample_size)
+    log_prior = jnp.zeros(spec.subsample_size)
+    for name in spec.observed_sites:
+        site = tr[name]
+        lp = site["fn"].log_prob(site["value"]) * _user_scale(site, spec)
+        log_lik = log_lik + per_task_sum(lp, spec, name)
+    for task_site in spec.task_sites:
+        site = tr[task_site.name]
+        fn, value = site["fn"], site["value"]
+        transform = biject_to(fn.support)
+        log_jac = transform.log_abs_det_jacobian(unconstrained[task_site.name], value)
+        log_jac = sum_rightmost(log_jac, jnp.ndim(log_jac) - jnp.ndim(value) + len(
+            fn.event_shape))
+        lp = (fn.log_prob(value) + log_jac) * _user_scale(site, spec)
+        log_prior = log_prior + per_task_sum(lp, spec, task_site.name)
+    return TaskLogDensity(log_lik, log_prior)
+
+
+def _site_of(spec: TaskSpec, name: str) -> SiteSpec:
+    return next(s for s in spec.task_sites if s.name == name)
+
+
+def check_task_independence(log_density: Callable[[jnp.ndarray], jnp.ndarray],
+                            phi: jnp.ndarray, rng_key: jnp.ndarray) -> None:
+    """Raise if task j's log density depends on another task's parameters.
+
+    Batched Hessian-vector products give every task's Hessian at once only when
+    ℓ_j depends on φ_j alone. Then the directional derivative of ℓ_j along a random V equals
+    ⟨∇_{φ_j} Σ_i ℓ_i, V_j⟩; a coupling term breaks the equality (with probability one).
+    Needs concrete values: call it eagerly, outside ``jit``.
+    """
+    direction = jax.random.normal(rng_key, phi.shape, phi.dtype)
+    grads = jax.grad(lambda p: log_density(p).sum())(phi)
+    _, directional = jax.jvp(log_density, (phi,), (direction,))
+    separate = jnp.sum(grads * direction, axis=-1)
+    gap = jnp.abs(directional - separate)
+    tol = 1e-4 * (1.0 + jnp.abs(separate))
+    coupled = jnp.nonzero(~(gap <= tol))[0]
+    if coupled.size:
+        raise ValueError(
+            f"the model couples tasks inside the tasks plate: the log density of task(s) "
+            f"{coupled[:10].tolist()} depends on other tasks' parameters (directional derivative "
+            f"{directional[coupled[0]]:.6g} vs {separate[coupled[0]]:.6g} with no coupling). Move "
+            "shared quantities outside the plate."
+        )

@@ -1,0 +1,290 @@
+"""``meta_marginal``: a NumPyro model over the globals θ alone, with every task marginalised.
+
+Grant et al. (ICLR 2018, §3, eq. 2-4) write meta-learning as empirical Bayes in
+
+    p(θ) Π_j ∫ p(D_j | φ_j) p(φ_j | θ) dφ_j,
+
+with the integral replaced by a point estimate φ̂_j = inner(θ, support_j). This module turns
+the user's hierarchical model into ``marginal(support, query=None)``, whose latent sites are
+the global ones and whose log density is log p(θ) plus, under the tasks plate, one factor per
+task:
+
+* ``"maml"``:    log p(query_j | φ̂_j)                                 (eq. 3, MAML)
+* ``"llama"``:   log p(query_j | φ̂_j) − η log det Ĥ_j                  (§4, LLAMA)
+* ``"laplace"``: log p(D_j | φ̂_j) + log p(φ̂_j | θ) + (d/2) log 2π − ½ log det H_j
+                 (the Laplace evidence, eq. 4; exact for linear-Gaussian tasks with Newton)
+
+How it runs: a first pass of the model hides the task sites from outer handlers (giving the
+latent ones their prior mean, the inner solvers' start), so an outer sampler sees and sets the
+globals only. Then the per-task log densities are re-evaluated as functions of the flat
+unconstrained task parameters (:mod:`numpyro_hbmeta.density`), solved, and the objective is
+emitted with ``numpyro.factor`` inside a tasks plate with the same subsample indices (so it is
+scaled like the model's task sites), together with φ̂_j as deterministic sites under the task
+sites' own names and the inner/curvature diagnostics (``hbm_*`` sites).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpyro
+from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
+from numpyro.primitives import Messenger
+
+from numpyro_hbmeta.curvature import CURVATURES
+from numpyro_hbmeta.density import (
+    TaskLogDensity,
+    check_task_independence,
+    flatten,
+    task_log_density,
+    unflatten,
+)
+from numpyro_hbmeta.inner import InnerInfo, Newton, TruncatedGD
+from numpyro_hbmeta.introspect import TaskSpec, check_model_arguments, check_task_axis, task_spec
+from numpyro_hbmeta.plate import is_task_frame, tasks
+
+__all__ = ["OBJECTIVES", "MetaMarginal", "TaskContext", "meta_marginal"]
+
+OBJECTIVES = ("maml", "llama", "laplace")
+OBJECTIVE_SITE = "hbm_objective"
+
+
+class _hide_tasks(Messenger):  # noqa: N801 - a handler, named like numpyro's
+    """Stop task sites from reaching outer handlers; latent ones take their prior mean."""
+
+    def process_message(self, msg) -> None:  # noqa: ANN001
+        if msg["type"] != "sample" or not any(
+                is_task_frame(f) for f in msg.get("cond_indep_stack", ())):
+            return
+        if not msg["is_observed"]:
+            msg["value"] = _prior_mean(msg)
+        msg["stop"] = True
+
+
+def _prior_mean(msg) -> jnp.ndarray:  # noqa: ANN001
+    fn = msg["fn"]
+    if fn.support.is_discrete:
+        return fn.sample(jax.random.PRNGKey(0))  # task_spec rejects it with a clear error
+    try:
+        mean = fn.mean
+    except NotImplementedError as err:
+        raise ValueError(
+            f"task site {msg['name']!r}: {type(fn).__name__} has no mean, and the inner solver "
+            "starts every task at the mean of p(φ_j | θ)") from err
+    return jnp.broadcast_to(mean, fn.shape())
+
+
+class TaskContext(NamedTuple):
+    """Everything about one data set at fixed globals that the objectives need.
+
+    Attributes:
+        spec: the model's task structure.
+        globals_: constrained global values.
+        indices: subsample indices of the tasks plate.
+        phi0: (tasks, d) unconstrained start, E[φ_j | θ].
+        transforms: unconstrained -> constrained map per task site.
+    """
+
+    spec: TaskSpec
+    globals_: dict[str, jnp.ndarray]
+    indices: jnp.ndarray
+    phi0: jnp.ndarray
+    transforms: dict[str, Any]
+
+    def log_density(self, model: Callable, data: Mapping[str, Any]
+                    ) -> Callable[[jnp.ndarray], TaskLogDensity]:
+        """Φ -> per-task log-likelihood and log prior on ``data``."""
+        return lambda phi: task_log_density(model, self.spec, self.globals_, self.indices,
+                                            data, phi)
+
+    def constrained(self, phi: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        """(..., tasks, d) -> constrained task site values (leading axes kept)."""
+        if phi.ndim > 2:
+            return jax.vmap(self.constrained)(phi)
+        return {name: self.transforms[name](value)
+                for name, value in unflatten(self.spec, phi).items()}
+
+
+def trace_globals(model: Callable, data: Mapping[str, Any]) -> TaskContext:
+    """Run the model with its task sites hidden and read off the task structure and globals.
+
+    Outer handlers (a sampler's substitute, a seed) see and set the global sites only.
+    """
+    with _hide_tasks(), handlers.trace() as tr:
+        model(**data)
+    spec = task_spec(tr)
+    globals_ = {name: tr[name]["value"] for name in spec.global_sites}
+    plate_site = tr.get(spec.plate_name)
+    indices = (plate_site["value"] if plate_site is not None
+               else jnp.arange(spec.subsample_size))
+    transforms = {s.name: biject_to(tr[s.name]["fn"].support) for s in spec.task_sites}
+    phi0 = flatten(spec, {s.name: transforms[s.name].inv(tr[s.name]["value"])
+                          for s in spec.task_sites})
+    return TaskContext(spec, globals_, indices, phi0, transforms)
+
+
+def _check_data(model, spec: TaskSpec, data, what: str) -> None:  # noqa: ANN001
+    check_model_arguments(model, data, what)
+    check_task_axis(data, _data_tasks(spec, data), what)
+
+
+def _data_tasks(spec: TaskSpec, data) -> int:  # noqa: ANN001
+    # A model may index full-size data with the plate's subsample indices, or be handed
+    # data already sliced to the subsample (MetaEB's task_batch_size).
+    sizes = {jnp.shape(v)[0] for v in data.values() if hasattr(v, "shape") and jnp.ndim(v)}
+    return spec.size if spec.size in sizes else spec.subsample_size
+
+
+class MetaMarginal:
+    """The model over θ built by :func:`meta_marginal`; call it like a NumPyro model."""
+
+    def __init__(self, model: Callable, *, inner: TruncatedGD | Newton, objective: str,
+                 curvature: str, eta: float) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {tuple(CURVATURES)}, got {curvature!r}")
+        if not isinstance(inner, TruncatedGD | Newton):
+            raise TypeError(f"inner must be TruncatedGD(...) or Newton(...), got {inner!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be non-negative, got {eta!r}")
+        self.model, self.inner, self.objective = model, inner, objective
+        self.curvature, self.eta = curvature, eta
+
+    def __repr__(self) -> str:
+        return (f"meta_marginal({getattr(self.model, '__name__', self.model)!r}, inner="
+                f"{self.inner!r}, objective={self.objective!r}, curvature={self.curvature!r})")
+
+    # -- pieces ---------------------------------------------------------------------------
+    def context(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None
+                ) -> TaskContext:
+        """Trace the globals on ``support`` and validate both data sets against the model."""
+        context = trace_globals(self.model, support)
+        _check_data(self.model, context.spec, support, "support")
+        if self.objective in ("maml", "llama") and query is None:
+            raise ValueError(f"objective={self.objective!r} scores the query set: pass "
+                             "marginal(support, query)")
+        if self.objective == "laplace" and query is not None:
+            raise ValueError("objective='laplace' is the evidence of the support data; pass "
+                             "all of a task's data as support (e.g. TaskData.all_data())")
+        if query is not None:
+            self._check_query(context.spec, query)
+        return context
+
+    def _check_query(self, spec: TaskSpec, query) -> None:  # noqa: ANN001
+        check_model_arguments(self.model, query, "query")
+        with handlers.block(), handlers.seed(rng_seed=0):
+            query_spec = trace_globals(self.model, query).spec
+        if query_spec.subsample_size != spec.subsample_size:
+            raise ValueError(f"support has {spec.subsample_size} tasks but query has "
+                             f"{query_spec.subsample_size}")
+        for a, b in zip(spec.task_sites, query_spec.task_sites, strict=True):
+            if a.shape != b.shape:
+                raise ValueError(f"task site {a.name!r} has shape {a.shape} on the support "
+                                 f"set but {b.shape} on the query set")
+        check_task_axis(query, _data_tasks(spec, query), "query")
+
+    def inner_loss(self, context: TaskContext, support) -> Callable:  # noqa: ANN001
+        """The per-task loss the inner solver descends."""
+        density = context.log_density(self.model, support)
+        if self.inner.prior == "implicit":
+            return lambda phi: -density(phi).log_lik
+        return lambda phi: -density(phi).log_joint
+
+    def solve(self, context: TaskContext, support) -> tuple[jnp.ndarray, InnerInfo]:  # noqa: ANN001
+        """φ̂ (tasks, d) and the inner diagnostics."""
+        return self.inner.solve(self.inner_loss(context, support), context.phi0)
+
+    def task_objective(self, context: TaskContext, phi_hat: jnp.ndarray, support, query=None):  # noqa: ANN001, ANN201
+        """Per-task objective (tasks,) and the smallest curvature eigenvalue (or None)."""
+        if self.objective == "maml":
+            return context.log_density(self.model, query)(phi_hat).log_lik, None
+        build = CURVATURES[self.curvature]
+        if self.objective == "llama":
+            query_nll = lambda p: -context.log_density(self.model, query)(p).log_lik  # noqa: E731
+            curvature = build(query_nll, phi_hat)
+            value = -query_nll(phi_hat) - self.eta * curvature.logdet()
+            return value, curvature.min_eigenvalue()
+        neg_joint = lambda p: -context.log_density(self.model, support)(p).log_joint  # noqa: E731
+        curvature = build(neg_joint, phi_hat)
+        half_log_2pi = 0.5 * context.spec.dim * math.log(2 * math.pi)
+        value = -neg_joint(phi_hat) + half_log_2pi - 0.5 * curvature.logdet()
+        return value, curvature.min_eigenvalue()
+
+    # -- the model ------------------------------------------------------------------------
+    def __call__(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None
+                 ) -> None:
+        context = self.context(support, query)
+        phi_hat, info = self.solve(context, support)
+        value, min_eigenvalue = self.task_objective(context, phi_hat, support, query)
+        self._emit(context, phi_hat, value, info, min_eigenvalue)
+
+    def _emit(self, context: TaskContext, phi_hat, value, info: InnerInfo,  # noqa: ANN001
+              min_eigenvalue) -> None:  # noqa: ANN001
+        spec = context.spec
+        plate = tasks._reenter(spec.plate_name, spec.size, spec.subsample_size,
+                               spec.plate_dim, context.indices)
+        trailing = (1,) * (-spec.plate_dim - 1)
+        with plate:
+            numpyro.factor(OBJECTIVE_SITE, value.reshape(value.shape + trailing))
+        for name, site_value in context.constrained(phi_hat).items():
+            numpyro.deterministic(name, site_value)
+        numpyro.deterministic("hbm_inner_converged", info.converged)
+        numpyro.deterministic("hbm_inner_grad_norm", info.grad_norm)
+        numpyro.deterministic("hbm_inner_num_steps", info.num_steps)
+        if min_eigenvalue is not None:
+            numpyro.deterministic("hbm_curvature_min_eigenvalue", min_eigenvalue)
+
+    # -- eager checks ---------------------------------------------------------------------
+    def check(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None,
+              *, rng_key: jnp.ndarray | None = None) -> TaskSpec:
+        """Validate the data and check that tasks are conditionally independent.
+
+        Runs eagerly (concrete values): the shape and argument checks also run inside
+        ``marginal``, the independence check only here. Drivers call it before fitting.
+        """
+        rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+        key_globals, key_support, key_query = jax.random.split(rng_key, 3)
+        with handlers.block(), handlers.seed(rng_seed=key_globals):
+            context = self.context(support, query)
+        for data, key in ((support, key_support), (query, key_query)):
+            if data is not None:
+                density = context.log_density(self.model, data)
+                check_task_independence(lambda p, d=density: d(p).log_joint, context.phi0, key)
+        return context.spec
+
+
+def meta_marginal(model: Callable, *, inner: TruncatedGD | Newton, objective: str = "laplace",
+                  curvature: str = "full", eta: float = 1e-6) -> MetaMarginal:
+    """The meta-inference handler: ``model`` with its tasks marginalised.
+
+    Args:
+        model: a NumPyro model with a :class:`~numpyro_hbmeta.tasks` plate; its keyword
+            arguments are the data, task-major.
+        inner: the task solver, :class:`TruncatedGD` or :class:`Newton`.
+        objective: ``"maml"``, ``"llama"`` or ``"laplace"`` (module docstring).
+        curvature: ``"full"`` or ``"diag"``; used by ``llama`` and ``laplace`` only.
+        eta: LLAMA's weight η on log det Ĥ_j (1e-6 in the paper).
+
+    Returns:
+        ``marginal(support, query=None)``, a NumPyro model whose latent sites are the model's
+        global sites; ``MCMC(NUTS(marginal))`` is full Bayes over θ with tasks marginalised,
+        its MAP/type-II ML is MAML / LLAMA / Laplace empirical Bayes.
+
+    Example:
+        >>> import jax, numpyro_hbmeta as hbm
+        >>> from numpyro_hbmeta.models import linear
+        >>> data = linear.load_data(jax.random.PRNGKey(0), small=True)
+        >>> marginal = hbm.meta_marginal(linear.model, inner=hbm.Newton())
+        >>> from numpyro.infer.util import log_density
+        >>> params = {"theta": jax.numpy.array([1.0, -0.5]), "tau": 0.7, "sigma": 0.5}
+        >>> lp, _ = log_density(marginal, (data.all_data(),), {}, params)
+        >>> bool(jax.numpy.isfinite(lp))
+        True
+    """
+    return MetaMarginal(model, inner=inner, objective=objective, curvature=curvature, eta=eta)
