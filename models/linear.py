@@ -13,6 +13,8 @@ Grant et al. (ICLR 2018): MAML is empirical Bayes here, with an implicit Gaussia
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpyro
@@ -47,13 +49,8 @@ def simulate(rng_key, *, num_tasks: int, num_support: int, num_query: int = 0,
              theta=TRUE_THETA, tau: float = TRUE_TAU, sigma: float = TRUE_SIGMA) -> TaskData:
     """Draw tasks from the model with known globals; x has an intercept column."""
     theta = jnp.asarray(theta)
-    features = theta.shape[0]
-    num_points = num_support + num_query
-    key_x, key_phi, key_eps = jax.random.split(rng_key, 3)
-    x = jax.random.normal(key_x, (num_tasks, num_points, features))
-    x = x.at[..., 0].set(1.0)
-    phi = theta + tau * jax.random.normal(key_phi, (num_tasks, features))
-    y = jnp.einsum("jnf,jf->jn", x, phi) + sigma * jax.random.normal(key_eps, x.shape[:2])
+    x, phi, y = _draw(rng_key, theta, jnp.asarray(tau), jnp.asarray(sigma), num_tasks,
+                      num_support + num_query)
     support = {"x": x[:, :num_support], "y": y[:, :num_support]}
     query = {"x": x[:, num_support:], "y": y[:, num_support:]} if num_query else None
     return TaskData(
@@ -63,6 +60,16 @@ def simulate(rng_key, *, num_tasks: int, num_support: int, num_query: int = 0,
         truth={"theta": theta, "tau": jnp.asarray(tau), "sigma": jnp.asarray(sigma),
                "phi": phi},
     )
+
+
+@partial(jax.jit, static_argnums=(4, 5))
+def _draw(rng_key, theta, tau, sigma, num_tasks: int, num_points: int):
+    key_x, key_phi, key_eps = jax.random.split(rng_key, 3)
+    x = jax.random.normal(key_x, (num_tasks, num_points, theta.shape[0]))
+    x = x.at[..., 0].set(1.0)
+    phi = theta + tau * jax.random.normal(key_phi, (num_tasks, theta.shape[0]))
+    y = jnp.einsum("jnf,jf->jn", x, phi) + sigma * jax.random.normal(key_eps, x.shape[:2])
+    return x, phi, y
 
 
 def load_data(rng_key=None, *, small: bool = False) -> TaskData:

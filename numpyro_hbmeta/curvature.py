@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 __all__ = [
@@ -42,7 +43,8 @@ def linear_blocks(linear: Callable[[jnp.ndarray], jnp.ndarray], num_tasks: int, 
     Applies the map to the d basis vectors broadcast over all tasks: column k of every
     block in one call, so the cost is d applications, never a (tasks·d)² matrix.
     """
-    basis = jnp.broadcast_to(jnp.eye(dim, dtype=dtype)[:, None, :], (dim, num_tasks, dim))
+    # NumPy constants are embedded in the trace; jnp ones would compile eagerly per shape.
+    basis = np.broadcast_to(np.eye(dim, dtype=dtype)[:, None, :], (dim, num_tasks, dim))
     columns = jax.vmap(linear)(basis)  # [k, j, :] = M_j e_k
     return jnp.transpose(columns, (1, 2, 0))
 
@@ -130,10 +132,10 @@ def diag(loss: TaskLoss, phi: jnp.ndarray) -> DiagCurvature:
     num_tasks, dim = phi.shape
 
     def entry(k):
-        e = jnp.zeros((num_tasks, dim), phi.dtype).at[:, k].set(1.0)
+        e = jax.nn.one_hot(jnp.broadcast_to(k, (num_tasks,)), dim, dtype=phi.dtype)
         return hvp(e)[:, k]
 
-    return DiagCurvature(jnp.transpose(jax.lax.map(entry, jnp.arange(dim))))
+    return DiagCurvature(jnp.transpose(jax.lax.map(entry, np.arange(dim))))
 
 
 CURVATURES: dict[str, Callable[[TaskLoss, jnp.ndarray], FullCurvature | DiagCurvature]] = {

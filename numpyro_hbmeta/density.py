@@ -22,7 +22,7 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 
-from numpyro_hbmeta.introspect import SiteSpec, TaskSpec
+from numpyro_hbmeta.introspect import TaskSpec
 
 __all__ = ["TaskLogDensity", "flatten", "task_log_density", "unflatten"]
 
@@ -124,8 +124,7 @@ def task_log_density(model: Callable, spec: TaskSpec, globals_: Mapping[str, jnp
 
 
 def _sum_task_sites(tr, spec: TaskSpec, unconstrained) -> TaskLogDensity:
-    log_lik = jnp.zeros(spec.subsample_size)
-    log_prior = jnp.zeros(spec.subsample_size)
+    log_lik = log_prior = 0.0
     for name in spec.observed_sites:
         site = tr[name]
         lp = site["fn"].log_prob(site["value"]) * _user_scale(site, spec)
@@ -142,10 +141,6 @@ def _sum_task_sites(tr, spec: TaskSpec, unconstrained) -> TaskLogDensity:
     return TaskLogDensity(log_lik, log_prior)
 
 
-def _site_of(spec: TaskSpec, name: str) -> SiteSpec:
-    return next(s for s in spec.task_sites if s.name == name)
-
-
 def check_task_independence(log_density: Callable[[jnp.ndarray], jnp.ndarray],
                             phi: jnp.ndarray, rng_key: jnp.ndarray) -> None:
     """Raise if task j's log density depends on another task's parameters.
@@ -156,9 +151,14 @@ def check_task_independence(log_density: Callable[[jnp.ndarray], jnp.ndarray],
     Needs concrete values: call it eagerly, outside ``jit``.
     """
     direction = jax.random.normal(rng_key, phi.shape, phi.dtype)
-    grads = jax.grad(lambda p: log_density(p).sum())(phi)
-    _, directional = jax.jvp(log_density, (phi,), (direction,))
-    separate = jnp.sum(grads * direction, axis=-1)
+
+    @jax.jit
+    def derivatives(phi, direction):
+        grads = jax.grad(lambda p: log_density(p).sum())(phi)
+        _, directional = jax.jvp(log_density, (phi,), (direction,))
+        return directional, jnp.sum(grads * direction, axis=-1)
+
+    directional, separate = derivatives(phi, direction)
     gap = jnp.abs(directional - separate)
     tol = 1e-4 * (1.0 + jnp.abs(separate))
     coupled = jnp.nonzero(~(gap <= tol))[0]

@@ -22,11 +22,18 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from tqdm.auto import trange
 
+from numpyro_hbmeta.curvature import hessian_blocks
 from numpyro_hbmeta.data import take_tasks
-from numpyro_hbmeta.handler import OBJECTIVE_SITE, MetaMarginal, TaskContext, meta_marginal
+from numpyro_hbmeta.handler import (
+    OBJECTIVE_SITE,
+    MetaMarginal,
+    TaskContext,
+    _hide_tasks,
+    meta_marginal,
+)
 from numpyro_hbmeta.implicit_prior import context_at, implicit_precision
 from numpyro_hbmeta.inner import Newton, TruncatedGD
-from numpyro_hbmeta.plate import task_batch
+from numpyro_hbmeta.plate import is_task_frame, task_batch
 
 __all__ = ["MetaEB", "MetaEBResult", "TaskGaussian"]
 
@@ -43,7 +50,7 @@ class MetaEBResult(NamedTuple):
         params: constrained values of the global sites.
         losses: (num_steps,) negative objective at each step (before its update).
         state: final optimiser state (unconstrained params and optax state).
-        inactive_sites: globals whose gradient was exactly zero at the start: the objective
+        inactive_sites: globals whose gradient was exactly zero at the first step: the objective
             does not depend on them (e.g. τ under ``maml``, where the implicit prior replaces
             p(φ | θ)); their values are the initial ones and carry no information.
     """
@@ -67,8 +74,10 @@ class TaskGaussian(dist.MultivariateNormal):
         return self._context.constrained(value)
 
 
-def _constrain(unconstrained: Mapping[str, jnp.ndarray], supports: Mapping[str, Any]):  # noqa: ANN202
-    return {name: biject_to(supports[name])(value) for name, value in unconstrained.items()}
+def _trace_hidden(model: Callable, data: Mapping[str, Any]):  # noqa: ANN202
+    with _hide_tasks(), handlers.trace() as tr:
+        model(**data)
+    return tr
 
 
 class MetaEB:
@@ -123,10 +132,7 @@ class MetaEB:
     def init(self, rng_key, support, query=None, init_params=None) -> MetaEBState:  # noqa: ANN001
         """Unconstrained start: ``init_params`` (constrained) or uniform(−2, 2), as NumPyro's
         ``init_to_uniform``, and the optimiser state."""
-        with handlers.block(), handlers.seed(rng_seed=rng_key), handlers.trace() as tr:
-            self.marginal(support, query)
-        globals_ = {n: s for n, s in tr.items() if s["type"] == "sample"
-                    and not s["is_observed"]}
+        globals_ = self._global_sites(rng_key, support)
         init_params = dict(init_params or {})
         unknown = set(init_params) - set(globals_)
         if unknown:
@@ -165,7 +171,9 @@ class MetaEB:
             updates, opt_state = self.optimizer.update(
                 grads, state.opt_state, state.params, value=value, grad=grads,
                 value_fn=value_fn)
-            return MetaEBState(optax.apply_updates(state.params, updates), opt_state), value
+            new_state = MetaEBState(optax.apply_updates(state.params, updates), opt_state)
+            active = {name: jnp.any(g != 0) for name, g in grads.items()}
+            return new_state, value, active
 
         return jax.jit(step)
 
@@ -188,14 +196,16 @@ class MetaEB:
             raise ValueError("task_batch_size cannot be combined with a subsampled tasks plate")
         key_init, key_steps = jax.random.split(rng_key)
         state = self.init(key_init, support, query, init_params)
-        inactive = self._inactive_sites(state.params, support, query)
         step = self._step_fn(num_tasks, task_batch_size, spec.plate_name)
         keys = jax.random.split(key_steps, num_steps)
         losses = np.empty(num_steps)
+        inactive: tuple[str, ...] = ()
         bar = trange(num_steps, disable=not progress_bar, desc=f"MetaEB {self.marginal.objective}")
         for i in bar:
-            new_state, value = step(state, keys[i], support, query)
+            new_state, value, active = step(state, keys[i], support, query)
             losses[i] = float(value)
+            if i == 0:
+                inactive = tuple(name for name, flag in active.items() if not bool(flag))
             if not np.isfinite(losses[i]):
                 raise FloatingPointError(self._failure_report(i, state.params, support, query))
             state = new_state
@@ -204,20 +214,30 @@ class MetaEB:
         return MetaEBResult(self._constrained(state.params, support, query),
                             jnp.asarray(losses), state, inactive)
 
-    def _inactive_sites(self, params, support, query) -> tuple[str, ...]:  # noqa: ANN001
-        grads = jax.grad(self.loss)(params, support, query)
-        return tuple(name for name, g in grads.items() if not bool(jnp.any(g != 0)))
+    def _global_sites(self, rng_key, support, substitute_fn=None) -> dict[str, Any]:  # noqa: ANN001
+        """Trace sites of the global latents of the user's model (tasks hidden, nothing
+        solved): their supports, shapes and, with ``substitute_fn``, values."""
+        with handlers.block(), handlers.seed(rng_seed=rng_key), handlers.substitute(
+                substitute_fn=substitute_fn or (lambda msg: None)):
+            context_trace = _trace_hidden(self.model, support)
+        return {n: s for n, s in context_trace.items()
+                if s["type"] == "sample" and not s["is_observed"]
+                and n in self._global_names(context_trace)}
 
-    def _supports(self, support, query) -> dict[str, Any]:  # noqa: ANN001
-        with handlers.block(), handlers.seed(rng_seed=0), handlers.trace() as tr:
-            self.marginal(support, query)
-        return {n: s["fn"].support for n, s in tr.items()
-                if s["type"] == "sample" and not s["is_observed"]}
+    @staticmethod
+    def _global_names(trace) -> set[str]:  # noqa: ANN001
+        return {n for n, s in trace.items() if s["type"] == "sample" and not any(
+            is_task_frame(f) for f in s.get("cond_indep_stack", ()))}
 
     def _constrained(self, params, support, query) -> dict[str, jnp.ndarray]:  # noqa: ANN001
-        # Supports may depend on other globals, so constrain along a trace at these values.
-        tr = self._trace(params, support, query)
-        return {name: tr[name]["value"] for name in params}
+        # Supports may depend on other globals, so constrain along a trace of the model.
+        def substitute_fn(msg):
+            if msg["type"] == "sample" and msg["name"] in params:
+                return biject_to(msg["fn"].support)(params[msg["name"]])
+            return None
+
+        sites = self._global_sites(jax.random.PRNGKey(0), support, substitute_fn)
+        return {name: sites[name]["value"] for name in params}
 
     def _failure_report(self, step: int, params, support, query) -> str:  # noqa: ANN001
         tr = self._trace(params, support, query)
@@ -250,17 +270,8 @@ class MetaEB:
         under MAML's implicit prior, the implicit prior's precision plus the Hessian of the
         support negative log-likelihood at φ̂_j (Grant et al. 2018, §3.2 and §4).
         """
-        from numpyro_hbmeta.curvature import hessian_blocks
-
         context = context_at(self.model, params, support)
-        phi_hat, _ = self.marginal.solve(context, support)
-        density = context.log_density(self.model, support)
-        if self.inner.prior == "implicit":
-            prior_precision, _ = implicit_precision(self.model, context, support, self.inner)
-            precision = prior_precision + hessian_blocks(lambda p: -density(p).log_lik,
-                                                         phi_hat)
-        else:
-            precision = hessian_blocks(lambda p: -density(p).log_joint, phi_hat)
+        phi_hat, precision = jax.jit(self._laplace_gaussian)(dict(params), support)
         eig = np.asarray(jnp.linalg.eigvalsh(precision)[:, 0])
         if not (eig > 0).all():
             bad = np.nonzero(~(eig > 0))[0]
@@ -269,6 +280,16 @@ class MetaEB:
                 f"{bad[:20].tolist()} (smallest eigenvalues {eig[bad[:5]].tolist()}); "
                 "the task posterior has no Laplace approximation there")
         return TaskGaussian(phi_hat, precision_matrix=precision, context=context)
+
+    def _laplace_gaussian(self, params, support):  # noqa: ANN001, ANN202
+        context = context_at(self.model, params, support)
+        phi_hat, _ = self.marginal.solve(context, support)
+        density = context.log_density(self.model, support)
+        if self.inner.prior == "implicit":
+            prior_precision, _ = implicit_precision(self.model, context, support, self.inner)
+            return phi_hat, prior_precision + hessian_blocks(lambda p: -density(p).log_lik,
+                                                             phi_hat)
+        return phi_hat, hessian_blocks(lambda p: -density(p).log_joint, phi_hat)
 
     def sample_posterior(self, rng_key, params: Mapping[str, Any], support: Mapping[str, Any],  # noqa: ANN001
                          num_samples: int) -> dict[str, jnp.ndarray]:

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
@@ -121,7 +122,7 @@ def trace_globals(model: Callable, data: Mapping[str, Any]) -> TaskContext:
     globals_ = {name: tr[name]["value"] for name in spec.global_sites}
     plate_site = tr.get(spec.plate_name)
     indices = (plate_site["value"] if plate_site is not None
-               else jnp.arange(spec.subsample_size))
+               else np.arange(spec.subsample_size))
     transforms = {s.name: biject_to(tr[s.name]["fn"].support) for s in spec.task_sites}
     phi0 = flatten(spec, {s.name: transforms[s.name].inv(tr[s.name]["value"])
                           for s in spec.task_sites})

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from numpyro_hbmeta.curvature import jacobian_blocks, linear_blocks
 
@@ -99,8 +100,8 @@ class TruncatedGD:
             step = jax.checkpoint(step)
         if self.num_steps == 0:
             values = loss(phi0)
-            zeros = jnp.zeros(phi0.shape[0], phi0.dtype)
-            info = InnerInfo(values, values, zeros, jnp.zeros(phi0.shape[0], jnp.int32),
+            zeros = np.zeros(phi0.shape[0], phi0.dtype)
+            info = InnerInfo(values, values, zeros, np.zeros(phi0.shape[0], np.int32),
                              jnp.isfinite(values))
             return phi0, jax.lax.stop_gradient(info)
         phi, (values, grads) = jax.lax.scan(step, phi0, None, length=self.num_steps)
@@ -109,7 +110,7 @@ class TruncatedGD:
             loss=first,
             final_loss=last,
             grad_norm=jnp.linalg.norm(grads[-1], axis=-1),
-            num_steps=jnp.full(phi0.shape[0], self.num_steps, jnp.int32),
+            num_steps=np.full(phi0.shape[0], self.num_steps, np.int32),
             converged=jnp.all(jnp.isfinite(phi), -1) & jnp.isfinite(last) & (last <= first),
         )
         return phi, jax.lax.stop_gradient(info)
@@ -166,9 +167,8 @@ class Newton:
     def _iterate(self, gradient, phi0):
         """Batched Newton iterations on the root of ``gradient``; returns
         (φ̂, (steps per task, converged per task))."""
-        floor = 10 * jnp.finfo(phi0.dtype).eps
-        tol = jnp.maximum(self.tol, floor)
-        fractions = jnp.array([1.0, 0.5, 0.25, 0.125], phi0.dtype)
+        tol = max(self.tol, 10 * float(jnp.finfo(phi0.dtype).eps))
+        fractions = np.array([1.0, 0.5, 0.25, 0.125], phi0.dtype)
         num_tasks = phi0.shape[0]
 
         def body(state):
@@ -193,7 +193,7 @@ class Newton:
         def cond(state):
             return (state[4] < self.max_steps) & ~jnp.all(state[3])
 
-        init = (phi0, gradient(phi0), jnp.zeros(num_tasks, jnp.int32),
-                jnp.zeros(num_tasks, bool), 0)
+        init = (phi0, gradient(phi0), np.zeros(num_tasks, np.int32),
+                np.zeros(num_tasks, bool), 0)
         phi, _, steps, done, _ = jax.lax.while_loop(cond, body, init)
         return phi, (steps.astype(phi.dtype), done.astype(phi.dtype))

@@ -1,0 +1,346 @@
+"""Small functional networks whose parameters are pytrees (dicts of arrays).
+
+Every layer is a pure function ``layer(params, x)`` so that a task's parameters φ_j can be a
+NumPyro sample site (or the unravelled flat vector of one) and the whole network can be
+``jit``-ed, ``vmap``-ed over a task axis of parameters and differentiated to any order.
+
+* :func:`dense`, :func:`mlp` — the 1-40-40-1 sinusoid regressor of MAML (Finn et al. 2017,
+  §5.1) and LLAMA (Grant et al., ICLR 2018, §5.1).
+* :func:`conv2d`, :func:`conv4` — MAML's 4-block convolutional classifier for Omniglot and
+  MiniImagenet (Finn et al. 2017, §5.2; Vinyals et al. 2016).
+* :func:`mlp_trace` — the MLP together with each dense layer's input activations and
+  pre-activations, and optional additive offsets on the pre-activations, whose gradient is
+  the per-point pre-activation gradient that K-FAC needs (:mod:`numpyro_hbmeta.kfac`).
+
+Parameter layout: a dense layer is ``{"w": (d_in, d_out), "b": (d_out,)}`` and computes
+``x @ w + b``; a convolution is ``{"w": (k_h, k_w, c_in, c_out), "b": (c_out,)}`` (HWIO) on NHWC
+images. An MLP is ``{"dense_0": ..., "dense_1": ...}``; the conv net is ``{"conv_0": ...,
+"conv_3": ..., "head": ...}``. Initialisation is LeCun-normal, w ~ N(0, 1/fan_in), biases 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "MLPTrace",
+    "conv2d",
+    "conv4",
+    "dense",
+    "init_conv2d",
+    "init_conv4",
+    "init_dense",
+    "init_mlp",
+    "max_pool",
+    "mlp",
+    "mlp_sizes",
+    "mlp_trace",
+    "num_params",
+    "param_shapes",
+]
+
+Params = dict[str, Any]
+Activation = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def dense(params: Params, x: jnp.ndarray) -> jnp.ndarray:
+    """Affine layer y = x W + b.
+
+    Args:
+        params: ``{"w": (d_in, d_out), "b": (d_out,)}``.
+        x: inputs, shape (..., d_in).
+
+    Returns:
+        Outputs, shape (..., d_out).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> dense({"w": jnp.ones((2, 1)), "b": jnp.array([0.5])}, jnp.array([1.0, 2.0]))
+        Array([3.5], dtype=float32)
+    """
+    w, b = params["w"], params["b"]
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"dense: expected inputs (..., {w.shape[0]}), got {x.shape}")
+    return x @ w + b
+
+
+def conv2d(params: Params, x: jnp.ndarray, *, stride: int | Sequence[int] = 1,
+           padding: str | Sequence[tuple[int, int]] = "SAME") -> jnp.ndarray:
+    """2-D cross-correlation plus bias on NHWC images.
+
+    y[n, i, j, o] = Σ_{u, v, c} x[n, s_h i + u, s_w j + v, c] w[u, v, c, o] + b[o]
+    (after padding), i.e. ``jax.lax.conv_general_dilated`` with layout (NHWC, HWIO, NHWC).
+    Like every deep-learning "convolution" the kernel is not flipped.
+
+    Args:
+        params: ``{"w": (k_h, k_w, c_in, c_out)}`` and optionally ``"b": (c_out,)``.
+        x: images, shape (..., H, W, c_in); leading axes beyond one batch axis are flattened
+            for the convolution and restored.
+        stride: an int or (s_h, s_w).
+        padding: ``"SAME"``, ``"VALID"`` or explicit ((lo, hi), (lo, hi)).
+
+    Returns:
+        Feature maps, shape (..., H', W', c_out).
+    """
+    w = params["w"]
+    if x.ndim < 3 or x.shape[-1] != w.shape[2]:
+        raise ValueError(f"conv2d: expected images (..., H, W, {w.shape[2]}), got {x.shape}")
+    strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    batch = x.shape[:-3]
+    flat = x.reshape((-1, *x.shape[-3:]))
+    y = jax.lax.conv_general_dilated(flat, w, window_strides=strides, padding=padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if "b" in params:
+        y = y + params["b"]
+    return y.reshape((*batch, *y.shape[1:]))
+
+
+def max_pool(x: jnp.ndarray, *, window: int = 2, stride: int | None = None) -> jnp.ndarray:
+    """Max pooling over the two spatial axes of NHWC images, "VALID" padding (floor size)."""
+    stride = window if stride is None else stride
+    dims = (1,) * (x.ndim - 3) + (window, window, 1)
+    strides = (1,) * (x.ndim - 3) + (stride, stride, 1)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, "VALID")
+
+
+# --------------------------------------------------------------------------- MLP
+
+
+class MLPTrace(NamedTuple):
+    """An MLP's output and, per dense layer l, its input a_l and pre-activation s_l.
+
+    Attributes:
+        output: network output, (..., d_L) (the last pre-activation; no output activation).
+        inputs: tuple of a_l, shapes (..., d_{l}); a_0 = x.
+        preactivations: tuple of s_l = a_l W_l + b_l (+ offset_l), shapes (..., d_{l+1}).
+    """
+
+    output: jnp.ndarray
+    inputs: tuple[jnp.ndarray, ...]
+    preactivations: tuple[jnp.ndarray, ...]
+
+
+def _num_dense(params: Params) -> int:
+    count = 0
+    while f"dense_{count}" in params:
+        count += 1
+    if count == 0 or count != len(params):
+        raise ValueError("mlp: expected params {'dense_0': ..., 'dense_{L-1}': ...}, "
+                         f"got keys {sorted(params)}")
+    return count
+
+
+def mlp_trace(params: Params, x: jnp.ndarray, *, activation: Activation = jax.nn.relu,
+              offsets: Sequence[jnp.ndarray] | None = None) -> MLPTrace:
+    """Run an MLP and keep every dense layer's input and pre-activation.
+
+    s_l = a_l W_l + b_l + o_l,  a_{l+1} = σ(s_l),  output = s_{L-1}.
+
+    The offsets o_l (zeros in use) make per-point pre-activation gradients available from a
+    single backward pass: for a loss that sums over points, ∂loss/∂o_l[n] = ∂ℓ_n/∂s_l[n] = g_l[n],
+    the vectors whose second moment is K-FAC's G factor (Martens & Grosse 2015, §3).
+
+    Args:
+        params: ``{"dense_0": {"w", "b"}, ...}``.
+        x: inputs, (..., d_0).
+        activation: hidden non-linearity σ.
+        offsets: optional tuple of arrays broadcastable to each pre-activation.
+
+    Returns:
+        An :class:`MLPTrace`.
+    """
+    num_layers = _num_dense(params)
+    if offsets is not None and len(offsets) != num_layers:
+        raise ValueError(f"mlp_trace: expected {num_layers} offsets, got {len(offsets)}")
+    inputs, preactivations = [], []
+    a = x
+    for layer in range(num_layers):
+        inputs.append(a)
+        s = dense(params[f"dense_{layer}"], a)
+        if offsets is not None:
+            s = s + offsets[layer]
+        preactivations.append(s)
+        a = activation(s)
+    return MLPTrace(preactivations[-1], tuple(inputs), tuple(preactivations))
+
+
+def mlp(params: Params, x: jnp.ndarray, *, activation: Activation = jax.nn.relu) -> jnp.ndarray:
+    """Multi-layer perceptron with a linear output layer.
+
+    Args:
+        params: ``{"dense_0": {"w", "b"}, ..., "dense_{L-1}": ...}`` (see :func:`init_mlp`).
+        x: inputs, shape (..., d_0).
+        activation: hidden non-linearity (default ReLU, as MAML's sinusoid net).
+
+    Returns:
+        Outputs, shape (..., d_L).
+
+    Example:
+        >>> import jax
+        >>> params = init_mlp(jax.random.PRNGKey(0), (1, 40, 40, 1))
+        >>> mlp(params, jax.numpy.zeros((10, 1))).shape
+        (10, 1)
+    """
+    return mlp_trace(params, x, activation=activation).output
+
+
+def mlp_sizes(params: Params) -> tuple[int, ...]:
+    """Layer widths (d_0, ..., d_L) of an MLP's parameters."""
+    num_layers = _num_dense(params)
+    sizes = [params["dense_0"]["w"].shape[-2]]
+    sizes += [params[f"dense_{layer}"]["w"].shape[-1] for layer in range(num_layers)]
+    return tuple(sizes)
+
+
+# --------------------------------------------------------------------------- conv4
+
+
+def _conv_block(params: Params, x: jnp.ndarray, *, pool: bool) -> jnp.ndarray:
+    y = conv2d(params, x, stride=1 if pool else 2, padding="SAME")
+    if "scale" in params:
+        y = y * params["scale"] + params["offset"]
+    y = jax.nn.relu(y)
+    return max_pool(y) if pool else y
+
+
+def conv4(params: Params, x: jnp.ndarray, *, pool: bool = True) -> jnp.ndarray:
+    """MAML's 4-block convolutional classifier (Finn et al. 2017, §5.2; Vinyals et al. 2016).
+
+    Each block is 3×3 conv ("SAME") → [per-channel affine] → ReLU → 2×2 max-pool ("VALID"),
+    or, with ``pool=False``, a stride-2 conv instead of the pool (MAML's Omniglot variant);
+    then the flattened features go through a dense head to n_way logits. 28×28 inputs give
+    1×1 maps (28 → 14 → 7 → 3 → 1), 84×84 give 5×5.
+
+    Batch normalisation is *not* used: MAML normalises with the statistics of the current
+    batch, which couples the points of a task, so a task's likelihood would no longer factorise
+    over points as the hierarchical model assumes. A block whose parameters contain
+    ``"scale"``/``"offset"`` (see ``init_conv4(..., affine=True)``) applies the per-channel
+    affine y ↦ scale·y + offset in its place (no statistics, no running averages) and its conv
+    has no bias, which would be redundant with the offset.
+
+    Args:
+        params: ``{"conv_0".."conv_3": {"w", "b" | "scale", "offset"}, "head": {"w", "b"}}``.
+        x: images, shape (..., H, W, c_in).
+        pool: max-pool (True) or stride-2 convolutions (False); must match ``init_conv4``.
+
+    Returns:
+        Logits, shape (..., n_way).
+    """
+    batch = x.shape[:-3]
+    y = x
+    for block in range(4):
+        y = _conv_block(params[f"conv_{block}"], y, pool=pool)
+    features = y.reshape((*batch, -1))
+    return dense(params["head"], features)
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+def _lecun_normal(rng_key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jnp.ndarray:
+    return jax.random.normal(rng_key, shape, dtype) / jnp.sqrt(jnp.asarray(fan_in, dtype))
+
+
+def init_dense(rng_key: jax.Array, d_in: int, d_out: int, *, dtype=None) -> Params:
+    """Dense layer parameters, w ~ N(0, 1/d_in), b = 0 (``dtype`` defaults to JAX's float)."""
+    dtype = jnp.zeros(()).dtype if dtype is None else dtype
+    return {"w": _lecun_normal(rng_key, (d_in, d_out), d_in, dtype),
+            "b": jnp.zeros((d_out,), dtype)}
+
+
+def init_mlp(rng_key: jax.Array, sizes: Sequence[int], *, dtype=None) -> Params:
+    """MLP parameters for layer widths ``sizes`` = (d_0, d_1, ..., d_L).
+
+    Example:
+        >>> import jax
+        >>> param_shapes(init_mlp(jax.random.PRNGKey(0), (1, 40, 40, 1)))["dense_1"]
+        {'b': (40,), 'w': (40, 40)}
+    """
+    sizes = tuple(int(s) for s in sizes)
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"init_mlp: expected at least two positive sizes, got {sizes}")
+    keys = jax.random.split(rng_key, len(sizes) - 1)
+    return {f"dense_{layer}": init_dense(keys[layer], sizes[layer], sizes[layer + 1],
+                                         dtype=dtype)
+            for layer in range(len(sizes) - 1)}
+
+
+def init_conv2d(rng_key: jax.Array, c_in: int, c_out: int, *, kernel_size: int = 3,
+                bias: bool = True, dtype=None) -> Params:
+    """Convolution parameters, w ~ N(0, 1/(k² c_in)) in HWIO layout, b = 0."""
+    dtype = jnp.zeros(()).dtype if dtype is None else dtype
+    shape = (kernel_size, kernel_size, c_in, c_out)
+    params = {"w": _lecun_normal(rng_key, shape, kernel_size**2 * c_in, dtype)}
+    if bias:
+        params["b"] = jnp.zeros((c_out,), dtype)
+    return params
+
+
+def _conv4_feature_size(image_size: tuple[int, int], pool: bool) -> tuple[int, int]:
+    height, width = image_size
+    for _ in range(4):
+        # "SAME" conv keeps the size; a 2×2 VALID pool floors, a stride-2 SAME conv ceils.
+        height, width = (height // 2, width // 2) if pool else (-(-height // 2), -(-width // 2))
+    if height < 1 or width < 1:
+        raise ValueError(f"conv4: images of size {image_size} are too small for 4 blocks")
+    return height, width
+
+
+def init_conv4(rng_key: jax.Array, n_way: int, *, image_size: tuple[int, int] = (28, 28),
+               channels: int = 1, filters: int = 64, affine: bool = False, pool: bool = True,
+               dtype=None) -> Params:
+    """Parameters of :func:`conv4` for ``n_way`` classes.
+
+    Args:
+        rng_key: PRNG key.
+        n_way: number of output logits.
+        image_size: (H, W) of the inputs, to size the head.
+        channels: input channels (1 for Omniglot, 3 for MiniImagenet).
+        filters: feature maps per block (64 in MAML's Omniglot net, 32 for MiniImagenet).
+        affine: per-channel scale/offset after each conv in place of batch norm (the conv
+            then has no bias); otherwise a conv bias and nothing else.
+        pool: max-pool blocks (True) or stride-2 convolutions (False).
+        dtype: parameter dtype.
+    """
+    dtype = jnp.zeros(()).dtype if dtype is None else dtype
+    keys = jax.random.split(rng_key, 5)
+    params: Params = {}
+    c_in = channels
+    for block in range(4):
+        conv = init_conv2d(keys[block], c_in, filters, bias=not affine, dtype=dtype)
+        if affine:
+            conv["scale"] = jnp.ones((filters,), dtype)
+            conv["offset"] = jnp.zeros((filters,), dtype)
+        params[f"conv_{block}"] = conv
+        c_in = filters
+    height, width = _conv4_feature_size(tuple(image_size), pool)
+    params["head"] = init_dense(keys[4], height * width * filters, n_way, dtype=dtype)
+    return params
+
+
+# --------------------------------------------------------------------------- utilities
+
+
+def param_shapes(params: Any) -> Any:
+    """The pytree of parameter shapes (works on arrays and on ``jax.eval_shape`` results).
+
+    Example:
+        >>> import jax
+        >>> shapes = jax.eval_shape(lambda k: init_mlp(k, (1, 40, 1)), jax.random.PRNGKey(0))
+        >>> param_shapes(shapes)["dense_0"]
+        {'b': (40,), 'w': (1, 40)}
+    """
+    return jax.tree.map(lambda leaf: tuple(leaf.shape), params)
+
+
+def num_params(params: Any) -> int:
+    """Total number of scalar parameters (e.g. 1761 for the 1-40-40-1 MLP)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
