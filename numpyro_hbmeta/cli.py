@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _compare(args, models)
 
 
-def _compare(args: argparse.Namespace, models) -> int:  # noqa: ANN001
+def _compare(args: argparse.Namespace, models) -> int:
     import time
     from pathlib import Path
 
@@ -81,7 +81,7 @@ def _compare(args: argparse.Namespace, models) -> int:  # noqa: ANN001
     return 0
 
 
-def _report(args, zoo, data, results, table: str, total: float) -> str:  # noqa: ANN001
+def _report(args, zoo, data, results, table: str, total: float) -> str:
     num_tasks = len(data.task_labels) if data.task_labels else "?"
     lines = [
         f"# hbmeta compare {args.model}",

@@ -65,7 +65,7 @@ class TaskGaussian(dist.MultivariateNormal):
     """A per-task Gaussian over flat unconstrained task parameters, batch shape (tasks,),
     with :meth:`to_sites` mapping draws back to constrained site values."""
 
-    def __init__(self, loc, *, precision_matrix, context: TaskContext) -> None:  # noqa: ANN001
+    def __init__(self, loc, *, precision_matrix, context: TaskContext) -> None:
         super().__init__(loc, precision_matrix=precision_matrix)
         self._context = context
 
@@ -74,7 +74,7 @@ class TaskGaussian(dist.MultivariateNormal):
         return self._context.constrained(value)
 
 
-def _trace_hidden(model: Callable, data: Mapping[str, Any]):  # noqa: ANN202
+def _trace_hidden(model: Callable, data: Mapping[str, Any]):
     with _hide_tasks(), handlers.trace() as tr:
         model(**data)
     return tr
@@ -106,7 +106,7 @@ class MetaEB:
         self.hyperprior = hyperprior
 
     # -- the objective --------------------------------------------------------------------
-    def _trace(self, unconstrained, support, query):  # noqa: ANN001, ANN202
+    def _trace(self, unconstrained, support, query):
         def substitute_fn(msg):
             if msg["type"] == "sample" and msg["name"] in unconstrained:
                 return biject_to(msg["fn"].support)(unconstrained[msg["name"]])
@@ -117,7 +117,7 @@ class MetaEB:
             self.marginal(support, query)
         return tr
 
-    def loss(self, unconstrained: Mapping[str, jnp.ndarray], support, query=None):  # noqa: ANN001, ANN201
+    def loss(self, unconstrained: Mapping[str, jnp.ndarray], support, query=None):
         """−Σ_j objective_j (scaled by the tasks plate), − log p(θ) if ``hyperprior``."""
         tr = self._trace(unconstrained, support, query)
         total = 0.0
@@ -129,7 +129,7 @@ class MetaEB:
         return -total
 
     # -- fitting --------------------------------------------------------------------------
-    def init(self, rng_key, support, query=None, init_params=None) -> MetaEBState:  # noqa: ANN001
+    def init(self, rng_key, support, query=None, init_params=None) -> MetaEBState:
         """Unconstrained start: ``init_params`` (constrained) or uniform(−2, 2), as NumPyro's
         ``init_to_uniform``, and the optimiser state."""
         globals_ = self._global_sites(rng_key, support)
@@ -153,7 +153,7 @@ class MetaEB:
                 params[name] = jax.random.uniform(key, shape, minval=-2.0, maxval=2.0)
         return MetaEBState(params, self.optimizer.init(params))
 
-    def _step_fn(self, num_tasks: int, batch_size: int | None, plate_name: str):  # noqa: ANN202
+    def _step_fn(self, num_tasks: int, batch_size: int | None, plate_name: str):
         def batch_loss(params, support, query, indices):
             if indices is None:
                 return self.loss(params, support, query)
@@ -177,7 +177,7 @@ class MetaEB:
 
         return jax.jit(step)
 
-    def run(self, rng_key, num_steps: int, support: Mapping[str, Any],  # noqa: ANN001
+    def run(self, rng_key, num_steps: int, support: Mapping[str, Any],
             query: Mapping[str, Any] | None = None, *, task_batch_size: int | None = None,
             progress_bar: bool = True, init_params: Mapping[str, Any] | None = None
             ) -> MetaEBResult:
@@ -214,7 +214,7 @@ class MetaEB:
         return MetaEBResult(self._constrained(state.params, support, query),
                             jnp.asarray(losses), state, inactive)
 
-    def _global_sites(self, rng_key, support, substitute_fn=None) -> dict[str, Any]:  # noqa: ANN001
+    def _global_sites(self, rng_key, support, substitute_fn=None) -> dict[str, Any]:
         """Trace sites of the global latents of the user's model (tasks hidden, nothing
         solved): their supports, shapes and, with ``substitute_fn``, values."""
         with handlers.block(), handlers.seed(rng_seed=rng_key), handlers.substitute(
@@ -225,11 +225,11 @@ class MetaEB:
                 and n in self._global_names(context_trace)}
 
     @staticmethod
-    def _global_names(trace) -> set[str]:  # noqa: ANN001
+    def _global_names(trace) -> set[str]:
         return {n for n, s in trace.items() if s["type"] == "sample" and not any(
             is_task_frame(f) for f in s.get("cond_indep_stack", ()))}
 
-    def _constrained(self, params, support, query) -> dict[str, jnp.ndarray]:  # noqa: ANN001
+    def _constrained(self, params, support, query) -> dict[str, jnp.ndarray]:
         # Supports may depend on other globals, so constrain along a trace of the model.
         def substitute_fn(msg):
             if msg["type"] == "sample" and msg["name"] in params:
@@ -239,7 +239,7 @@ class MetaEB:
         sites = self._global_sites(jax.random.PRNGKey(0), support, substitute_fn)
         return {name: sites[name]["value"] for name in params}
 
-    def _failure_report(self, step: int, params, support, query) -> str:  # noqa: ANN001
+    def _failure_report(self, step: int, params, support, query) -> str:
         tr = self._trace(params, support, query)
         lines = [f"MetaEB: the objective is not finite at step {step}."]
         values = tr[OBJECTIVE_SITE]["fn"].log_prob(tr[OBJECTIVE_SITE]["value"]).reshape(-1)
@@ -281,7 +281,7 @@ class MetaEB:
                 "the task posterior has no Laplace approximation there")
         return TaskGaussian(phi_hat, precision_matrix=precision, context=context)
 
-    def _laplace_gaussian(self, params, support):  # noqa: ANN001, ANN202
+    def _laplace_gaussian(self, params, support):
         context = context_at(self.model, params, support)
         phi_hat, _ = self.marginal.solve(context, support)
         density = context.log_density(self.model, support)
@@ -291,7 +291,7 @@ class MetaEB:
                                                              phi_hat)
         return phi_hat, hessian_blocks(lambda p: -density(p).log_joint, phi_hat)
 
-    def sample_posterior(self, rng_key, params: Mapping[str, Any], support: Mapping[str, Any],  # noqa: ANN001
+    def sample_posterior(self, rng_key, params: Mapping[str, Any], support: Mapping[str, Any],
                          num_samples: int) -> dict[str, jnp.ndarray]:
         """Draws of every task site (constrained) from :meth:`task_posterior`, plus the
         globals repeated, each with a leading (num_samples,) axis."""

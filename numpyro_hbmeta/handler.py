@@ -58,7 +58,7 @@ OBJECTIVE_SITE = "hbm_objective"
 class _hide_tasks(Messenger):  # noqa: N801 - a handler, named like numpyro's
     """Stop task sites from reaching outer handlers; latent ones take their prior mean."""
 
-    def process_message(self, msg) -> None:  # noqa: ANN001
+    def process_message(self, msg) -> None:
         if msg["type"] != "sample" or not any(
                 is_task_frame(f) for f in msg.get("cond_indep_stack", ())):
             return
@@ -67,7 +67,7 @@ class _hide_tasks(Messenger):  # noqa: N801 - a handler, named like numpyro's
         msg["stop"] = True
 
 
-def _prior_mean(msg) -> jnp.ndarray:  # noqa: ANN001
+def _prior_mean(msg) -> jnp.ndarray:
     fn = msg["fn"]
     if fn.support.is_discrete:
         return fn.sample(jax.random.PRNGKey(0))  # task_spec rejects it with a clear error
@@ -129,12 +129,30 @@ def trace_globals(model: Callable, data: Mapping[str, Any]) -> TaskContext:
     return TaskContext(spec, globals_, indices, phi0, transforms)
 
 
-def _check_data(model, spec: TaskSpec, data, what: str) -> None:  # noqa: ANN001
+def model_structure(model: Callable, data: Mapping[str, Any]) -> TaskSpec:
+    """The model's :class:`TaskSpec` on ``data``, from an abstract (shape-only), isolated run.
+
+    Run before the real pass, so a malformed model fails here with a clear error rather than
+    inside an outer handler (e.g. a latent site outside any tasks plate with no value).
+    """
+    found = []
+
+    def structure():
+        with handlers.block(), handlers.seed(rng_seed=0), _hide_tasks(), \
+                handlers.trace() as tr:
+            model(**data)
+        found.append(task_spec(tr))
+
+    jax.eval_shape(structure)
+    return found[0]
+
+
+def _check_data(model, spec: TaskSpec, data, what: str) -> None:
     check_model_arguments(model, data, what)
     check_task_axis(data, _data_tasks(spec, data), what)
 
 
-def _data_tasks(spec: TaskSpec, data) -> int:  # noqa: ANN001
+def _data_tasks(spec: TaskSpec, data) -> int:
     # A model may index full-size data with the plate's subsample indices, or be handed
     # data already sliced to the subsample (MetaEB's task_batch_size).
     sizes = {jnp.shape(v)[0] for v in data.values() if hasattr(v, "shape") and jnp.ndim(v)}
@@ -165,8 +183,9 @@ class MetaMarginal:
     def context(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None
                 ) -> TaskContext:
         """Trace the globals on ``support`` and validate both data sets against the model."""
+        check_model_arguments(self.model, support, "support")
+        _check_data(self.model, model_structure(self.model, support), support, "support")
         context = trace_globals(self.model, support)
-        _check_data(self.model, context.spec, support, "support")
         if self.objective in ("maml", "llama") and query is None:
             raise ValueError(f"objective={self.objective!r} scores the query set: pass "
                              "marginal(support, query)")
@@ -177,10 +196,9 @@ class MetaMarginal:
             self._check_query(context.spec, query)
         return context
 
-    def _check_query(self, spec: TaskSpec, query) -> None:  # noqa: ANN001
+    def _check_query(self, spec: TaskSpec, query) -> None:
         check_model_arguments(self.model, query, "query")
-        with handlers.block(), handlers.seed(rng_seed=0):
-            query_spec = trace_globals(self.model, query).spec
+        query_spec = model_structure(self.model, query)
         if query_spec.subsample_size != spec.subsample_size:
             raise ValueError(f"support has {spec.subsample_size} tasks but query has "
                              f"{query_spec.subsample_size}")
@@ -190,18 +208,18 @@ class MetaMarginal:
                                  f"set but {b.shape} on the query set")
         check_task_axis(query, _data_tasks(spec, query), "query")
 
-    def inner_loss(self, context: TaskContext, support) -> Callable:  # noqa: ANN001
+    def inner_loss(self, context: TaskContext, support) -> Callable:
         """The per-task loss the inner solver descends."""
         density = context.log_density(self.model, support)
         if self.inner.prior == "implicit":
             return lambda phi: -density(phi).log_lik
         return lambda phi: -density(phi).log_joint
 
-    def solve(self, context: TaskContext, support) -> tuple[jnp.ndarray, InnerInfo]:  # noqa: ANN001
+    def solve(self, context: TaskContext, support) -> tuple[jnp.ndarray, InnerInfo]:
         """φ̂ (tasks, d) and the inner diagnostics."""
         return self.inner.solve(self.inner_loss(context, support), context.phi0)
 
-    def task_objective(self, context: TaskContext, phi_hat: jnp.ndarray, support, query=None):  # noqa: ANN001, ANN201
+    def task_objective(self, context: TaskContext, phi_hat: jnp.ndarray, support, query=None):
         """Per-task objective (tasks,) and the smallest curvature eigenvalue (or None)."""
         if self.objective == "maml":
             return context.log_density(self.model, query)(phi_hat).log_lik, None
@@ -225,8 +243,8 @@ class MetaMarginal:
         value, min_eigenvalue = self.task_objective(context, phi_hat, support, query)
         self._emit(context, phi_hat, value, info, min_eigenvalue)
 
-    def _emit(self, context: TaskContext, phi_hat, value, info: InnerInfo,  # noqa: ANN001
-              min_eigenvalue) -> None:  # noqa: ANN001
+    def _emit(self, context: TaskContext, phi_hat, value, info: InnerInfo,
+              min_eigenvalue) -> None:
         spec = context.spec
         plate = tasks._reenter(spec.plate_name, spec.size, spec.subsample_size,
                                spec.plate_dim, context.indices)

@@ -44,7 +44,7 @@ def implicit_prior_variances(eigenvalues: jnp.ndarray, *, num_steps: int,
     return jnp.where(x < 1, step_size * f, jnp.nan)
 
 
-def _implicit_precision_and_cov(hessians, inner: TruncatedGD):  # noqa: ANN001, ANN202
+def _implicit_precision_and_cov(hessians, inner: TruncatedGD):
     eigenvalues, vectors = jnp.linalg.eigh(hessians)
     q = implicit_prior_variances(eigenvalues, num_steps=inner.num_steps,
                                  step_size=inner.step_size)

@@ -56,17 +56,14 @@ def _settings(zoo: ModuleType, small: bool) -> dict[str, Any]:
     return defaults
 
 
-def _eb(zoo: ModuleType, data: TaskData, rng_key, small: bool, progress_bar: bool,  # noqa: ANN001
-        *, objective: str, inner) -> MethodResult:  # noqa: ANN001
+def _eb(zoo: ModuleType, data: TaskData, rng_key, small: bool, progress_bar: bool,
+        *, objective: str, inner) -> MethodResult:
     import optax
 
     settings = _settings(zoo, small)
     driver = MetaEB(zoo.model, inner=inner, objective=objective,
                     optimizer=optax.adam(settings["eb_learning_rate"]))
-    if objective == "laplace":
-        args = (data.all_data(),)
-    else:
-        args = (data.support, data.query)
+    args = (data.all_data(),) if objective == "laplace" else (data.support, data.query)
     start = time.perf_counter()
     result = driver.run(rng_key, settings["eb_steps"], *args, progress_bar=progress_bar)
     jax.block_until_ready(result.params)
@@ -76,7 +73,7 @@ def _eb(zoo: ModuleType, data: TaskData, rng_key, small: bool, progress_bar: boo
                         {"final_loss": float(result.losses[-1])})
 
 
-def run_maml(zoo, data, rng_key, *, small=False, progress_bar=True) -> MethodResult:  # noqa: ANN001
+def run_maml(zoo, data, rng_key, *, small=False, progress_bar=True) -> MethodResult:
     """MAML: type-II ML of the query likelihood after K inner GD steps (implicit prior)."""
     if data.query is None:
         raise ValueError(f"model {zoo.__name__} has no query set; maml needs one")
@@ -85,12 +82,12 @@ def run_maml(zoo, data, rng_key, *, small=False, progress_bar=True) -> MethodRes
     return _eb(zoo, data, rng_key, small, progress_bar, objective="maml", inner=inner)
 
 
-def run_laplace(zoo, data, rng_key, *, small=False, progress_bar=True) -> MethodResult:  # noqa: ANN001
+def run_laplace(zoo, data, rng_key, *, small=False, progress_bar=True) -> MethodResult:
     """Laplace empirical Bayes: type-II ML of the Laplace evidence with Newton task MAPs."""
     return _eb(zoo, data, rng_key, small, progress_bar, objective="laplace", inner=Newton())
 
 
-def run_nuts(zoo, data, rng_key, *, small=False, progress_bar=True) -> MethodResult:  # noqa: ANN001
+def run_nuts(zoo, data, rng_key, *, small=False, progress_bar=True) -> MethodResult:
     """NUTS on the full model (all of each task's data), the gold standard."""
     settings = _settings(zoo, small)
     chains = min(settings["nuts_chains"], jax.local_device_count()) or 1
@@ -116,7 +113,7 @@ METHODS: dict[str, Callable[..., MethodResult]] = {
 }
 
 
-def run_method(name: str, zoo: ModuleType, data: TaskData, rng_key, *, small: bool = False,  # noqa: ANN001
+def run_method(name: str, zoo: ModuleType, data: TaskData, rng_key, *, small: bool = False,
                progress_bar: bool = True) -> MethodResult:
     """Run method ``name`` on a zoo model."""
     if name not in METHODS:

@@ -103,14 +103,21 @@ class tasks(numpyro.plate):  # noqa: N801 - a handler, named like numpyro's
             size, subsample_size = batch.size, batch.indices.shape[0]
         super().__init__(name, size, subsample_size=subsample_size, dim=dim)
 
-    def _subsample(self, name, size, subsample_size, dim):  # noqa: ANN001, ANN202
+    def _subsample(self, name, size, subsample_size, dim):
         if self._batch_indices is None:
             return numpyro.plate._subsample(name, size, subsample_size, dim)
         with numpyro.handlers.substitute(data={name: self._batch_indices}):
             return numpyro.plate._subsample(name, size, subsample_size, dim)
 
-    def process_message(self, msg) -> None:  # noqa: ANN001
-        super().process_message(msg)
+    def process_message(self, msg) -> None:
+        try:
+            super().process_message(msg)
+        except ValueError as err:  # numpyro's broadcast error does not name the site
+            batch_shape = tuple(getattr(msg.get("fn"), "batch_shape", ()))
+            raise ValueError(
+                f"site {msg.get('name')!r} inside tasks plate {self.name!r}: expected "
+                f"{self.subsample_size} tasks at batch dim {self.dim}, got batch shape "
+                f"{batch_shape} ({err})") from err
         stack = msg.get("cond_indep_stack")
         if stack and stack[-1].name == self.name and type(stack[-1]) is CondIndepStackFrame:
             stack[-1] = TaskFrame(*stack[-1])

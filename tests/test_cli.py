@@ -1,0 +1,41 @@
+"""The ``hbmeta`` command line end to end."""
+
+import subprocess
+import sys
+
+import pytest
+
+from numpyro_hbmeta.cli import main
+
+
+def test_models_lists_the_zoo(capsys):
+    assert main(["models"]) == 0
+    assert "linear" in capsys.readouterr().out
+
+
+def test_compare_linear_small_writes_report(tmp_path, capsys):
+    assert main(["compare", "linear", "--small", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = (tmp_path / "report.md").read_text()
+    for text in (out, report):
+        assert "exact EB" in text and "theta[1]" in text and "nuts (mean ± sd)" in text
+    assert "not in objective" in report  # τ is not identified by MAML's objective
+    # Laplace EB is exact type-II ML here: its column equals the exact one to print precision.
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| theta")]
+    header = next(line.split("|") for line in report.splitlines() if line.startswith("| site"))
+    exact_col = [c.strip() for c in header].index("exact EB")
+    laplace_col = [c.strip() for c in header].index("laplace")
+    for row in rows:
+        assert abs(float(row[exact_col]) - float(row[laplace_col])) <= 0.002
+
+
+def test_unknown_model_and_method_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        main(["compare", "nope", "--out", str(tmp_path)])
+    assert main(["compare", "linear", "--methods", "magic", "--out", str(tmp_path)]) == 2
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "numpyro_hbmeta.cli", "models"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert "linear" in result.stdout
