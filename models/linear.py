@@ -28,6 +28,10 @@ GLOBALS = ("theta", "tau", "sigma")
 TASK_SITES = ("phi",)
 LAPLACE_EXACT = True
 
+# MAML's inner step must keep β·λ_max(XᵀX/σ²) < 1 at the fitted σ, or GD does not contract
+# and its implicit prior (hence the task posterior) does not exist.
+FIT = {"maml_steps": 5, "maml_step_size": 0.002}
+
 TRUE_THETA = (1.0, -0.5)
 TRUE_TAU = 0.7
 TRUE_SIGMA = 0.5

@@ -278,7 +278,11 @@ class MetaEB:
             raise FloatingPointError(
                 f"task_posterior: the precision is not positive definite for task(s) "
                 f"{bad[:20].tolist()} (smallest eigenvalues {eig[bad[:5]].tolist()}); "
-                "the task posterior has no Laplace approximation there")
+                "the task posterior has no Laplace approximation there"
+                + (". Under MAML's implicit prior a NaN means β·λ ≥ 1 for the support loss's "
+                   "Hessian: the inner gradient descent does not contract, so no Gaussian "
+                   "prior reproduces it; use a smaller step_size"
+                   if self.inner.prior == "implicit" else ""))
         return TaskGaussian(phi_hat, precision_matrix=precision, context=context)
 
     def _laplace_gaussian(self, params, support):
