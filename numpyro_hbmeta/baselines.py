@@ -43,7 +43,7 @@ def _numpy(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in tree.items()}
 
 
-def _mcmc(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: int,  # noqa: ANN001
+def _mcmc(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: int,
           num_samples: int, num_chains: int, progress_bar: bool) -> tuple[MCMC, float]:
     chains = max(1, min(num_chains, jax.local_device_count()))
     if chains < num_chains:
@@ -70,7 +70,7 @@ def _nuts_stats(mcmc: MCMC) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                    "chains": mcmc.num_chains}
 
 
-def run_nuts(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: int = 500,  # noqa: ANN001
+def run_nuts(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: int = 500,
              num_samples: int = 1000, num_chains: int = 2, progress_bar: bool = True
              ) -> FitResult:
     """NUTS on the full model. Chains run in parallel when host devices allow
@@ -82,8 +82,8 @@ def run_nuts(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: i
                      sample_stats=stats, wall_time=elapsed, info=info)
 
 
-def _laplace_draws(model: Callable, data: Mapping[str, Any], globals_draws, rng_key,  # noqa: ANN001
-                   inner) -> dict[str, jnp.ndarray]:  # noqa: ANN001
+def _laplace_draws(model: Callable, data: Mapping[str, Any], globals_draws, rng_key,
+                   inner) -> dict[str, jnp.ndarray]:
     """One draw of every task site from the Laplace Gaussian at each draw of the globals."""
     driver = MetaEB(model, inner=inner, objective="laplace")
     context = context_at(model, {k: v[0, 0] for k, v in globals_draws.items()}, data)
@@ -103,7 +103,7 @@ def _laplace_draws(model: Callable, data: Mapping[str, Any], globals_draws, rng_
     return {k: jnp.reshape(v, (chains, draws, *v.shape[1:])) for k, v in out.items()}
 
 
-def run_nuts_marginal(model: Callable, data: Mapping[str, Any], rng_key, *,  # noqa: ANN001
+def run_nuts_marginal(model: Callable, data: Mapping[str, Any], rng_key, *,
                       num_warmup: int = 500, num_samples: int = 1000, num_chains: int = 2,
                       inner: Newton | None = None, progress_bar: bool = True) -> FitResult:
     """NUTS over θ on the Laplace marginal; task draws from the Laplace Gaussian per draw."""
@@ -127,7 +127,7 @@ def run_nuts_marginal(model: Callable, data: Mapping[str, Any], rng_key, *,  # n
                      info=info)
 
 
-def run_svi(model: Callable, data: Mapping[str, Any], rng_key, *, guide: str = "normal",  # noqa: ANN001
+def run_svi(model: Callable, data: Mapping[str, Any], rng_key, *, guide: str = "normal",
             num_steps: int = 5000, learning_rate: float = 0.01, num_samples: int = 1000,
             progress_bar: bool = True) -> FitResult:
     """SVI with an autoguide (``"normal"``, ``"lowrank"`` or ``"delta"``)."""
@@ -152,9 +152,9 @@ def run_svi(model: Callable, data: Mapping[str, Any], rng_key, *, guide: str = "
                      approximate=f"variational ({GUIDES[guide].__name__})")
 
 
-def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: str,  # noqa: ANN001
+def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: str,
            inner: TruncatedGD | Newton, query: Mapping[str, Any] | None = None,
-           num_steps: int = 2000, optimizer=None, num_samples: int = 1000,  # noqa: ANN001
+           num_steps: int = 2000, optimizer=None, num_samples: int = 1000,
            curvature: str = "full", progress_bar: bool = True) -> FitResult:
     """MetaEB point estimates of the globals and task draws from the Laplace task posterior
     at them (under MAML's implicit prior for ``prior="implicit"``)."""
@@ -175,7 +175,7 @@ def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: s
                      approximate="point estimate of the globals (empirical Bayes)")
 
 
-def _eb_diagnostics(driver: MetaEB, params, support) -> dict[str, np.ndarray]:  # noqa: ANN001
+def _eb_diagnostics(driver: MetaEB, params, support) -> dict[str, np.ndarray]:
     context = context_at(driver.model, params, support)
     _, info = jax.jit(lambda: driver.marginal.solve(context, support))()
     return {"inner_grad_norm": np.asarray(info.grad_norm),

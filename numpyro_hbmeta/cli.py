@@ -70,7 +70,7 @@ def _compare(args: argparse.Namespace, models) -> int:
         results.append(run_method(name, zoo, data, key, small=args.small,
                                   progress_bar=not args.no_progress))
     exact = zoo.exact_type2_ml(data.all_data()) if hasattr(zoo, "exact_type2_ml") else None
-    header, rows = global_table(results, truth=data.truth, exact=exact)
+    header, rows = global_table(results, zoo.GLOBALS, truth=data.truth, exact=exact)
     table = markdown_table(header, rows)
     total = time.perf_counter() - start
     print(table)
@@ -99,9 +99,10 @@ def _report(args, zoo, data, results, table: str, total: float) -> str:
         "|---|---|---|",
     ]
     for r in results:
-        notes = ", ".join(f"{k}={v}" for k, v in r.info.items())
-        if r.inactive_sites:
-            notes += f"; not in objective: {', '.join(r.inactive_sites)}"
+        inactive = r.info.get("inactive_sites", ())
+        notes = ", ".join(f"{k}={v}" for k, v in r.info.items() if k != "inactive_sites")
+        if inactive:
+            notes += f"; not in objective: {', '.join(inactive)}"
         lines.append(f"| {r.method} | {r.wall_time:.1f} | {notes} |")
     if not getattr(zoo, "LAPLACE_EXACT", False) and any(r.method == "laplace" for r in results):
         lines += ["", "Laplace is approximate for this model (tasks are not Gaussian)."]

@@ -5,7 +5,7 @@ NumPyro sample site (or the unravelled flat vector of one) and the whole network
 ``jit``-ed, ``vmap``-ed over a task axis of parameters and differentiated to any order.
 
 * :func:`dense`, :func:`mlp` — the 1-40-40-1 sinusoid regressor of MAML (Finn et al. 2017,
-  §5.1) and LLAMA (Grant et al., ICLR 2018, §5.1).
+  §5.1), also the toy regression of LLAMA (Grant et al., ICLR 2018).
 * :func:`conv2d`, :func:`conv4` — MAML's 4-block convolutional classifier for Omniglot and
   MiniImagenet (Finn et al. 2017, §5.2; Vinyals et al. 2016).
 * :func:`mlp_trace` — the MLP together with each dense layer's input activations and
@@ -20,12 +20,15 @@ images. An MLP is ``{"dense_0": ..., "dense_1": ...}``; the conv net is ``{"conv
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "MLPTrace",
@@ -245,19 +248,33 @@ def conv4(params: Params, x: jnp.ndarray, *, pool: bool = True) -> jnp.ndarray:
 # --------------------------------------------------------------------------- initialisation
 
 
-def _lecun_normal(rng_key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jnp.ndarray:
-    return jax.random.normal(rng_key, shape, dtype) / jnp.sqrt(jnp.asarray(fan_in, dtype))
+def _lecun_normals(rng_key: jax.Array, shapes: Sequence[tuple[int, ...]], fans: Sequence[int],
+                   dtype) -> list[jnp.ndarray]:
+    """Independent N(0, 1/fan_in) arrays of the given shapes, from one flat draw.
+
+    One draw, not one per array: each separate threefry call costs XLA a compile.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    draws = jax.random.normal(rng_key, (sum(sizes),), dtype)
+    arrays, start = [], 0
+    for shape, size, fan_in in zip(shapes, sizes, fans, strict=True):
+        arrays.append(draws[start:start + size].reshape(shape)
+                      / jnp.sqrt(jnp.asarray(fan_in, dtype)))
+        start += size
+    return arrays
 
 
 def init_dense(rng_key: jax.Array, d_in: int, d_out: int, *, dtype=None) -> Params:
     """Dense layer parameters, w ~ N(0, 1/d_in), b = 0 (``dtype`` defaults to JAX's float)."""
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
-    return {"w": _lecun_normal(rng_key, (d_in, d_out), d_in, dtype),
-            "b": jnp.zeros((d_out,), dtype)}
+    (w,) = _lecun_normals(rng_key, [(d_in, d_out)], [d_in], dtype)
+    return {"w": w, "b": jnp.zeros((d_out,), dtype)}
 
 
 def init_mlp(rng_key: jax.Array, sizes: Sequence[int], *, dtype=None) -> Params:
     """MLP parameters for layer widths ``sizes`` = (d_0, d_1, ..., d_L).
+
+    Compiled once per (sizes, dtype), so repeated initialisation is cheap.
 
     Example:
         >>> import jax
@@ -267,10 +284,19 @@ def init_mlp(rng_key: jax.Array, sizes: Sequence[int], *, dtype=None) -> Params:
     sizes = tuple(int(s) for s in sizes)
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"init_mlp: expected at least two positive sizes, got {sizes}")
-    keys = jax.random.split(rng_key, len(sizes) - 1)
-    return {f"dense_{layer}": init_dense(keys[layer], sizes[layer], sizes[layer + 1],
-                                         dtype=dtype)
-            for layer in range(len(sizes) - 1)}
+    return _init_mlp(rng_key, sizes, _float_dtype(dtype))
+
+
+def _float_dtype(dtype) -> np.dtype:
+    return np.dtype(jnp.zeros(()).dtype if dtype is None else dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_mlp(rng_key: jax.Array, sizes: tuple[int, ...], dtype: np.dtype) -> Params:
+    shapes = list(itertools.pairwise(sizes))
+    weights = _lecun_normals(rng_key, shapes, sizes[:-1], dtype)
+    return {f"dense_{layer}": {"w": w, "b": jnp.zeros((w.shape[1],), dtype)}
+            for layer, w in enumerate(weights)}
 
 
 def init_conv2d(rng_key: jax.Array, c_in: int, c_out: int, *, kernel_size: int = 3,
@@ -278,7 +304,7 @@ def init_conv2d(rng_key: jax.Array, c_in: int, c_out: int, *, kernel_size: int =
     """Convolution parameters, w ~ N(0, 1/(k² c_in)) in HWIO layout, b = 0."""
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     shape = (kernel_size, kernel_size, c_in, c_out)
-    params = {"w": _lecun_normal(rng_key, shape, kernel_size**2 * c_in, dtype)}
+    params = {"w": _lecun_normals(rng_key, [shape], [kernel_size**2 * c_in], dtype)[0]}
     if bias:
         params["b"] = jnp.zeros((c_out,), dtype)
     return params
@@ -297,7 +323,7 @@ def _conv4_feature_size(image_size: tuple[int, int], pool: bool) -> tuple[int, i
 def init_conv4(rng_key: jax.Array, n_way: int, *, image_size: tuple[int, int] = (28, 28),
                channels: int = 1, filters: int = 64, affine: bool = False, pool: bool = True,
                dtype=None) -> Params:
-    """Parameters of :func:`conv4` for ``n_way`` classes.
+    """Parameters of :func:`conv4` for ``n_way`` classes (compiled once per configuration).
 
     Args:
         rng_key: PRNG key.
@@ -310,19 +336,26 @@ def init_conv4(rng_key: jax.Array, n_way: int, *, image_size: tuple[int, int] = 
         pool: max-pool blocks (True) or stride-2 convolutions (False).
         dtype: parameter dtype.
     """
-    dtype = jnp.zeros(()).dtype if dtype is None else dtype
-    keys = jax.random.split(rng_key, 5)
+    height, width = _conv4_feature_size((int(image_size[0]), int(image_size[1])), pool)
+    return _init_conv4(rng_key, int(n_way), height * width, int(channels), int(filters),
+                       bool(affine), _float_dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _init_conv4(rng_key: jax.Array, n_way: int, feature_pixels: int, channels: int,
+                filters: int, affine: bool, dtype: np.dtype) -> Params:
+    in_channels = [channels] + [filters] * 3
+    shapes = [(3, 3, c_in, filters) for c_in in in_channels] + [(feature_pixels * filters, n_way)]
+    fans = [9 * c_in for c_in in in_channels] + [feature_pixels * filters]
+    *kernels, head = _lecun_normals(rng_key, shapes, fans, dtype)
     params: Params = {}
-    c_in = channels
-    for block in range(4):
-        conv = init_conv2d(keys[block], c_in, filters, bias=not affine, dtype=dtype)
+    for block, kernel in enumerate(kernels):
         if affine:
-            conv["scale"] = jnp.ones((filters,), dtype)
-            conv["offset"] = jnp.zeros((filters,), dtype)
-        params[f"conv_{block}"] = conv
-        c_in = filters
-    height, width = _conv4_feature_size(tuple(image_size), pool)
-    params["head"] = init_dense(keys[4], height * width * filters, n_way, dtype=dtype)
+            params[f"conv_{block}"] = {"w": kernel, "scale": jnp.ones((filters,), dtype),
+                                       "offset": jnp.zeros((filters,), dtype)}
+        else:
+            params[f"conv_{block}"] = {"w": kernel, "b": jnp.zeros((filters,), dtype)}
+    params["head"] = {"w": head, "b": jnp.zeros((n_way,), dtype)}
     return params
 
 

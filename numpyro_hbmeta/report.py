@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from numpyro_hbmeta.methods import MethodResult
+from numpyro_hbmeta.results import FitResult
 
 __all__ = ["global_table", "markdown_table"]
 
@@ -21,20 +21,23 @@ def _elements(name: str, value: np.ndarray) -> list[tuple[str, tuple[int, ...]]]
     return [(f"{name}[{','.join(map(str, idx))}]", idx) for idx in np.ndindex(*shape)]
 
 
-def global_table(results: Sequence[MethodResult], *, truth: Mapping[str, Any] | None = None,
+def global_table(results: Sequence[FitResult], sites: Sequence[str], *,
+                 truth: Mapping[str, Any] | None = None,
                  exact: Mapping[str, Any] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per scalar element of every global site."""
+    """Header and rows: one row per scalar element of every global site in ``sites``.
+
+    Point estimates print as a number, draws as mean ± sd over chains and draws.
+    """
     header = ["site"]
     if truth is not None:
         header.append("truth")
     if exact is not None:
         header.append("exact EB")
-    header += [r.method + ("" if r.point else " (mean ± sd)") for r in results]
-    sites = list(results[0].globals_)
+    header += [r.method + ("" if set(sites) <= set(r.point_sites) else " (mean ± sd)")
+               for r in results]
     rows = []
     for site in sites:
-        template = results[0].globals_[site]
-        site_shape = np.shape(template) if results[0].point else np.shape(template)[1:]
+        site_shape = np.shape(results[0].samples[site])[2:]
         for label, idx in _elements(site, np.zeros(site_shape)):
             row = [label]
             if truth is not None:
@@ -53,15 +56,14 @@ def _fmt(values: Mapping[str, Any], site: str, idx: tuple[int, ...]) -> str:
     return f"{float(np.asarray(values[site])[idx]):.3f}"
 
 
-def _cell(result: MethodResult, site: str, idx: tuple[int, ...]) -> str:
-    if site in result.inactive_sites:
+def _cell(result: FitResult, site: str, idx: tuple[int, ...]) -> str:
+    if site in result.info.get("inactive_sites", ()):
         return "— (not in objective)"
-    if site not in result.globals_:
+    if site not in result.samples:
         return "—"
-    value = np.asarray(result.globals_[site])
-    if result.point:
-        return f"{float(value[idx]):.3f}"
-    draws = value[(slice(None), *idx)]
+    draws = np.asarray(result.samples[site])[(slice(None), slice(None), *idx)]
+    if site in result.point_sites:
+        return f"{float(draws.flat[0]):.3f}"
     return f"{draws.mean():.3f} ± {draws.std():.3f}"
 
 
