@@ -1,0 +1,359 @@
+"""K-FAC blocks against dense linear algebra, in float64 (exact identities)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numpyro_hbmeta import kfac, nn
+
+SIZES_AND_BATCHES = [(1, 1, ()), (4, 3, (3,)), (2, 7, (2, 2))]
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def random_psd(seed, batch, dim, rank=None):
+    rank = dim + 2 if rank is None else rank
+    x = np.random.default_rng(seed).normal(size=(*batch, dim, rank))
+    return x @ np.swapaxes(x, -1, -2) / rank
+
+
+def random_factor(seed, p, q, batch, rank_a=None):
+    return kfac.KroneckerFactor(random_psd(seed, batch, p, rank_a),
+                                random_psd(seed + 1000, batch, q))
+
+
+def normal(seed, shape):
+    return np.random.default_rng(seed).normal(size=shape)
+
+
+def dense_kron(factor, damping):
+    """np.kron per task, independent of kfac.to_dense (numpy, float64)."""
+    A, G = np.asarray(factor.A), np.asarray(factor.G)
+    batch = A.shape[:-2]
+    A, G = A.reshape((-1, *A.shape[-2:])), G.reshape((-1, *G.shape[-2:]))
+    blocks = [np.kron(a, g) + damping * np.eye(a.shape[0] * g.shape[0])
+              for a, g in zip(A, G, strict=True)]
+    return np.stack(blocks).reshape((*batch, *blocks[0].shape))
+
+
+def numpy_mlp(seed, sizes):
+    rng = np.random.default_rng(seed)
+    return {f"dense_{i}": {"w": rng.normal(size=(sizes[i], sizes[i + 1])) / np.sqrt(sizes[i]),
+                           "b": rng.normal(size=(sizes[i + 1],)) * 0.1}
+            for i in range(len(sizes) - 1)}
+
+
+@jax.jit
+def inverse_sqrt_map(factor, damping):
+    """The sampler's linear map L (columns L e_k), shape (..., pq, pq)."""
+    d = factor.A.shape[-1] * factor.G.shape[-1]
+    batch = factor.A.shape[:-2]
+    basis = jnp.eye(d).reshape((d, *(1,) * len(batch), d))
+    columns = kfac.inverse_sqrt_matvec(factor, basis, damping)  # (d, ..., d): [k] = L e_k
+    return jnp.moveaxis(columns, 0, -1)
+
+
+DAMPINGS = (1e-3, 0.3)
+
+
+@jax.jit
+def _kfac_outputs(singular, full_rank, v):
+    return {"logdet": jnp.stack([kfac.logdet(singular, d) for d in DAMPINGS]),
+            "logdet_undamped": kfac.logdet(full_rank, 0.0),
+            "to_dense": kfac.to_dense(singular, 0.3),
+            "solve": kfac.solve(singular, v, 0.1),
+            "matvec": kfac.matvec(singular, v),
+            "sampler_map": inverse_sqrt_map(singular, 0.2)}
+
+
+@functools.cache
+def kfac_outputs(p, q, batch):
+    """Inputs and every K-FAC result the shape-parametrized tests check (one compile each)."""
+    singular = random_factor(p * 10 + q, p, q, batch, rank_a=max(p - 1, 1))  # A singular
+    full_rank = random_factor(p * 10 + q + 1, p, q, batch)
+    v = normal(2, (*batch, p * q))
+    return singular, full_rank, v, jax.tree.map(np.asarray, _kfac_outputs(singular, full_rank, v))
+
+
+@pytest.mark.parametrize(("p", "q", "batch"), SIZES_AND_BATCHES)
+def test_logdet_matches_dense_slogdet(p, q, batch):
+    singular, full_rank, _, out = kfac_outputs(p, q, batch)
+    for damping, got in zip(DAMPINGS, out["logdet"], strict=True):
+        sign, expected = np.linalg.slogdet(dense_kron(singular, damping))
+        assert np.all(sign == 1.0)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-8)
+    expected = np.linalg.slogdet(dense_kron(full_rank, 0.0))[1]
+    np.testing.assert_allclose(out["logdet_undamped"], expected, atol=1e-8)
+    # δ = 0: log det(A ⊗ G) = q log det A + p log det G
+    factored = q * np.linalg.slogdet(full_rank.A)[1] + p * np.linalg.slogdet(full_rank.G)[1]
+    np.testing.assert_allclose(out["logdet_undamped"], factored, atol=1e-8)
+    np.testing.assert_allclose(out["to_dense"], dense_kron(singular, 0.3), atol=1e-14)
+
+
+@pytest.mark.parametrize(("p", "q", "batch"), SIZES_AND_BATCHES)
+def test_solve_and_matvec_match_dense(p, q, batch):
+    singular, _, v, out = kfac_outputs(p, q, batch)
+    expected = np.linalg.solve(dense_kron(singular, 0.1), v[..., None])[..., 0]
+    np.testing.assert_allclose(out["solve"], expected, rtol=1e-10, atol=1e-10)
+    expected = (dense_kron(singular, 0.0) @ v[..., None])[..., 0]
+    np.testing.assert_allclose(out["matvec"], expected, atol=1e-12)
+
+
+def dense_inverse_sqrt(matrix):
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors / np.sqrt(values)[..., None, :]) @ np.swapaxes(vectors, -1, -2)
+
+
+@pytest.mark.parametrize(("p", "q", "batch"), SIZES_AND_BATCHES)
+def test_sampler_map_squares_to_dense_inverse(p, q, batch):
+    singular, _, _, out = kfac_outputs(p, q, batch)
+    L = out["sampler_map"]
+    dense = dense_kron(singular, 0.2)
+    np.testing.assert_allclose(L @ np.swapaxes(L, -1, -2), np.linalg.inv(dense), rtol=1e-10,
+                               atol=1e-10)
+    np.testing.assert_allclose(L, dense_inverse_sqrt(dense), atol=1e-10)  # the symmetric root
+
+
+def test_sample_is_the_sampler_map_applied_to_standard_normals():
+    factor = random_factor(4, 3, 2, (2,))
+    key = jax.random.PRNGKey(4)
+    draws = kfac.sample(key, factor, 0.2, num_samples=3)
+    z = np.asarray(jax.random.normal(key, (36,))).reshape(3, 2, 6)  # = normal(key, (3, 2, 6))
+    assert draws.shape == (3, 2, 6)
+    L = dense_inverse_sqrt(dense_kron(factor, 0.2))
+    np.testing.assert_allclose(draws, (L @ z[..., None])[..., 0], atol=1e-10)
+
+
+def test_one_output_dense_layer_gives_exact_fisher():
+    """Linear-Gaussian regression, unit noise: g_n = 1 exactly, so A ⊗ G = JᵀJ, J rows = ā_n."""
+    n, d_in = 7, 3
+    x = normal(7, (n, d_in))
+    J = np.concatenate([x, np.ones((n, 1))], axis=1)  # d (x_n W + b) / d vec([W; b])
+    factor = kfac.dense_factors(x, np.ones((n, 1)))
+    np.testing.assert_allclose(factor.G, [[n]])  # n·E[g²]: the sum over points
+    np.testing.assert_allclose(np.kron(factor.A, factor.G), J.T @ J, rtol=1e-12, atol=1e-12)
+
+
+def test_multi_output_layer_row_major_convention():
+    """Λ = I per point, passed as its q columns; J from jacfwd through unvec_dense."""
+    n, d_in, d_out = 5, 3, 2
+    x = normal(9, (n, d_in))
+    layer = numpy_mlp(10, (d_in, d_out))["dense_0"]
+
+    @jax.jit
+    def compute(layer):
+        J = jax.jacfwd(lambda v: nn.dense(kfac.unvec_dense(v, d_in, d_out), x).reshape(-1))(
+            kfac.vec_dense(layer))
+        factor = kfac.dense_factors(jnp.repeat(x, d_out, axis=0),
+                                    jnp.tile(jnp.eye(d_out), (n, 1)))
+        return J, kfac.to_dense(factor), kfac.vec_dense(layer)
+
+    J, dense, vec = compute(layer)
+    np.testing.assert_allclose(dense, J.T @ J, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(vec, np.concatenate([layer["w"], layer["b"][None]]).ravel())
+
+
+def test_weights_mask_points():
+    x, g = normal(11, (2, 6, 3)), normal(12, (2, 6, 2))
+    mask = np.array([[1.0] * 4 + [0.0] * 2, [1.0] * 6])
+    masked = kfac.dense_factors(x, g, weights=mask)
+    a_bar = np.concatenate([x[0, :4], np.ones((4, 1))], axis=1)
+    np.testing.assert_allclose(masked.A[0], a_bar.T @ a_bar / 4, atol=1e-14)
+    np.testing.assert_allclose(masked.G[0], g[0, :4].T @ g[0, :4], atol=1e-14)
+
+
+def test_mlp_factors_one_point_equal_exact_ggn_blocks():
+    """With one point and one output, ā ⊗ g is the layer's Jacobian row: K-FAC is exact."""
+    sizes = (2, 5, 4, 1)
+    params = numpy_mlp(13, sizes)
+    x = normal(14, (1, 2))
+
+    @jax.jit
+    def compute(params):
+        factors = kfac.mlp_factors(params, x, jnp.ones((1, 1)), activation=jnp.tanh)
+        J = jax.grad(lambda v: nn.mlp(kfac.unvec_mlp(v, sizes), x, activation=jnp.tanh)[0, 0])(
+            kfac.vec_mlp(params))
+        return factors, J
+
+    factors, J = compute(params)
+    start = 0
+    for factor in factors:
+        block = np.kron(factor.A, factor.G)
+        rows = J[start:start + len(block)]
+        np.testing.assert_allclose(block, np.outer(rows, rows), atol=1e-12)
+        start += len(block)
+    assert start == nn.num_params(params)
+
+
+def test_mlp_factors_last_layer_exact_with_many_points_and_tasks():
+    sizes, num_tasks = (1, 8, 1), 3
+    tasks = [numpy_mlp(15 + t, sizes) for t in range(num_tasks)]
+    params = jax.tree.map(lambda *leaves: np.stack(leaves), *tasks)
+    x = normal(16, (num_tasks, 10, 1))
+    factors = jax.vmap(lambda p, xi: kfac.mlp_factors(p, xi, jnp.ones((10, 1))))(params, x)
+    for task, task_params in enumerate(tasks):
+        hidden = np.maximum(x[task] @ task_params["dense_0"]["w"] + task_params["dense_0"]["b"],
+                            0.0)
+        J = np.concatenate([hidden, np.ones((10, 1))], axis=1)  # rows ā_n: d out / d vec(W̄)
+        block = np.kron(factors[1].A[task], factors[1].G[task])
+        np.testing.assert_allclose(block, J.T @ J, rtol=1e-12, atol=1e-12)
+
+
+def test_sampled_output_grads_have_the_output_fisher():
+    logits = np.array([0.3, -1.0, 0.8])
+
+    @jax.jit
+    def second_moments(rng_key):
+        key_categorical, key_gaussian = jax.random.split(rng_key)
+        g = kfac.categorical_output_grads(key_categorical,
+                                          jnp.broadcast_to(logits, (100_000, 3)))
+        e = kfac.gaussian_output_grads(key_gaussian, jnp.zeros((100_000, 1)), 0.5)
+        return g.T @ g / len(g), jnp.mean(e**2)
+
+    categorical, gaussian = second_moments(jax.random.PRNGKey(17))
+    probs = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(categorical, np.diag(probs) - np.outer(probs, probs), atol=6e-3)
+    np.testing.assert_allclose(gaussian, 4.0, rtol=0.02)
+
+
+def kron_chain_rule(dM, A, G):
+    """Gradients w.r.t. A and G of a scalar with gradient dM w.r.t. M = A ⊗ G + δI."""
+    p, q = A.shape[-1], G.shape[-1]
+    dM4 = dM.reshape((*dM.shape[:-2], p, q, p, q))
+    return np.einsum("...ijkl,...jl->...ik", dM4, G), np.einsum("...ijkl,...ik->...jl", dM4, A)
+
+
+def test_logdet_gradient_matches_closed_form_with_repeated_eigenvalues():
+    """A from 2 points in 4 dims has a repeated zero eigenvalue; d log det M = tr(M⁻¹ dM)."""
+    factor = random_factor(19, 4, 3, (2,), rank_a=2)
+    got = jax.jit(jax.grad(lambda A, G, d: jnp.sum(kfac.logdet(kfac.KroneckerFactor(A, G), d)),
+                           argnums=(0, 1, 2)))(factor.A, factor.G, 0.2)
+    inverse = np.linalg.inv(dense_kron(factor, 0.2))  # symmetric: M⁻ᵀ = M⁻¹
+    expected = (*kron_chain_rule(inverse, factor.A, factor.G),
+                np.trace(inverse, axis1=-2, axis2=-1).sum())
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-9)
+
+
+def test_solve_gradient_matches_closed_form():
+    """L = wᵀM⁻¹v: ∂L/∂v = M⁻ᵀw = y and ∂L/∂M = −y xᵀ with x = M⁻¹v; A is rank 1."""
+    factor = random_factor(20, 3, 2, (2,), rank_a=1)
+    v, w = normal(21, (2, 6)), normal(22, (2, 6))
+
+    def loss(A, G, damping, v):
+        return jnp.sum(w * kfac.solve(kfac.KroneckerFactor(A, G), v, damping))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(factor.A, factor.G, 0.3, v)
+    M = dense_kron(factor, 0.3)
+    x = np.linalg.solve(M, v[..., None])[..., 0]
+    y = np.linalg.solve(np.swapaxes(M, -1, -2), w[..., None])[..., 0]
+    dM = -y[..., :, None] * x[..., None, :]
+    expected = (*kron_chain_rule(dM, factor.A, factor.G),
+                np.trace(dM, axis1=-2, axis2=-1).sum(), y)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank_a", [4, 1])
+def test_inverse_sqrt_jvp_matches_finite_differences(rank_a):
+    """Along A(t) = X(t)X(t)ᵀ, PSD for every t even when A is singular (rank_a = 1)."""
+    X, dX = normal(23, (3, rank_a)), normal(24, (3, rank_a))
+    G, dG = random_psd(25, (), 2), random_psd(26, (), 2)
+    z = normal(27, (6,))
+
+    @jax.jit
+    def fn(t):
+        A = (X + t * dX) @ (X + t * dX).T / rank_a
+        return kfac.inverse_sqrt_matvec(kfac.KroneckerFactor(A, G + t * dG), z, 0.4 + 0.1 * t)
+
+    _, tangent = jax.jvp(fn, (0.0,), (1.0,))
+    h = 1e-5
+    np.testing.assert_allclose(tangent, (fn(h) - fn(-h)) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
+def test_non_psd_factor_gives_nan_for_that_task_only():
+    factor = random_factor(28, 3, 2, (2,))
+    A = factor.A.copy()
+    A[1] = np.diag([1.0, 0.5, -0.1])
+    bad = kfac.KroneckerFactor(A, factor.G)
+
+    @jax.jit
+    def everything(factor, rng_key):
+        # damping 1 would hide the negative eigenvalue: it must not be clipped.
+        return (kfac.logdet(factor, 1.0), kfac.solve(factor, jnp.ones((2, 6)), 1.0),
+                kfac.sample(rng_key, factor, 1.0, 2), kfac.min_eigenvalues(factor)[0])
+
+    values, solved, draws, min_a = everything(bad, jax.random.PRNGKey(0))
+    assert np.isfinite(values[0]) and np.isnan(values[1])
+    assert np.all(np.isfinite(solved[0])) and np.all(np.isnan(solved[1]))
+    assert np.all(np.isfinite(draws[:, 0])) and np.all(np.isnan(draws[:, 1]))
+    np.testing.assert_allclose(min_a[1], -0.1)
+
+
+def test_roundoff_negative_eigenvalues_are_zero_not_nan():
+    x = normal(29, (2, 5))  # 2 points, 5 inputs: A has rank 2 of 6
+
+    @jax.jit
+    def compute(x):
+        factor = kfac.dense_factors(x, jnp.ones((2, 1)))
+        return kfac.min_eigenvalues(factor)[0], kfac.logdet(factor, 1e-3), kfac.logdet(factor)
+
+    min_a, damped, undamped = compute(x)
+    assert float(min_a) < 1e-14
+    assert np.isfinite(float(damped)) and float(undamped) == -np.inf
+
+
+def test_vmap_and_per_task_damping_agree():
+    factor = random_factor(30, 4, 3, (5,))
+    v = normal(31, (5, 12))
+
+    @jax.jit
+    def compute(factor, v):
+        return (kfac.logdet(factor, 0.1), jax.vmap(kfac.logdet, in_axes=(0, None))(factor, 0.1),
+                kfac.logdet(factor, jnp.full((5,), 0.1)), kfac.solve(factor, v, 0.1),
+                jax.vmap(kfac.solve, in_axes=(0, 0, None))(factor, v, 0.1))
+
+    direct, mapped, per_task, solved, solved_mapped = compute(factor, v)
+    np.testing.assert_allclose(mapped, direct, atol=1e-12)
+    np.testing.assert_allclose(per_task, direct, atol=1e-12)
+    np.testing.assert_allclose(solved_mapped, solved, atol=1e-12)
+
+
+def test_kfac_curvature_blocks():
+    factors = (random_factor(32, 3, 2, (2,)), random_factor(33, 2, 1, (2,)))
+    v = normal(34, (2, 8))
+
+    @jax.jit
+    def methods(factors, v, rng_key):
+        curvature = kfac.KFACCurvature(factors, 0.2)
+        return (curvature.dense(), curvature.logdet(), curvature.solve(v),
+                curvature.sample(rng_key, 4), curvature.min_eigenvalue())
+
+    dense, logdet, solved, draws, min_eigenvalue = methods(factors, v, jax.random.PRNGKey(32))
+    assert dense.shape == (2, 8, 8) and draws.shape == (4, 2, 8)
+    np.testing.assert_allclose(dense[:, :6, :6], dense_kron(factors[0], 0.2), atol=1e-14)
+    np.testing.assert_allclose(dense[:, :6, 6:], 0.0)
+    np.testing.assert_allclose(logdet, np.linalg.slogdet(dense)[1], atol=1e-10)
+    np.testing.assert_allclose(solved, np.linalg.solve(dense, v[..., None])[..., 0], atol=1e-10)
+    np.testing.assert_allclose(min_eigenvalue, np.linalg.eigvalsh(dense)[:, 0], atol=1e-10)
+
+
+def test_vec_round_trips_and_shape_errors():
+    params = numpy_mlp(35, (2, 3, 1))
+    v = kfac.vec_mlp(params)
+    assert v.shape == (nn.num_params(params),)
+    back = kfac.unvec_mlp(v, (2, 3, 1))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    factor = random_factor(36, 3, 2, ())
+    with pytest.raises(ValueError, match=r"expected vectors \(\.\.\., 6\)"):
+        kfac.solve(factor, np.ones(5))
+    with pytest.raises(ValueError, match="disagree"):
+        kfac.dense_factors(np.ones((4, 2)), np.ones((3, 1)))
