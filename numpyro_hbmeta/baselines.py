@@ -171,7 +171,8 @@ def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: s
     return FitResult(objective, model, dict(support), samples, point_sites=tuple(fit.params),
                      task_diagnostics=diagnostics, wall_time=elapsed,
                      info={"final_loss": float(fit.losses[-1]), "num_steps": num_steps,
-                           "inactive_sites": fit.inactive_sites},
+                           "inactive_sites": fit.inactive_sites,
+                           "boundary_sites": fit.boundary_sites},
                      approximate="point estimate of the globals (empirical Bayes)")
 
 

@@ -100,9 +100,14 @@ def _report(args, zoo, data, results, table: str, total: float) -> str:
     ]
     for r in results:
         inactive = r.info.get("inactive_sites", ())
-        notes = ", ".join(f"{k}={v}" for k, v in r.info.items() if k != "inactive_sites")
+        boundary = r.info.get("boundary_sites", ())
+        notes = ", ".join(f"{k}={v}" for k, v in r.info.items()
+                          if k not in ("inactive_sites", "boundary_sites"))
         if inactive:
             notes += f"; not in objective: {', '.join(inactive)}"
+        if boundary:
+            notes += (f"; **{', '.join(boundary)} at the boundary 0** (EB collapses the "
+                      "hierarchy; remedies: a hyperprior (MAP-II) or NUTS over the globals)")
         lines.append(f"| {r.method} | {r.wall_time:.1f} | {notes} |")
     if not getattr(zoo, "LAPLACE_EXACT", False) and any(r.method == "laplace" for r in results):
         lines += ["", "Laplace is approximate for this model (tasks are not Gaussian)."]

@@ -159,3 +159,19 @@ def test_lbfgs_and_hyperprior(x64, linear_data):
                  + dist.HalfNormal(2.0).log_prob(constrained["sigma"]))
     np.testing.assert_allclose(with_prior.loss(params, data), plain.loss(params, data)
                                - log_prior, rtol=1e-12)
+
+
+def test_eight_schools_scale_at_boundary_is_reported():
+    from numpyro_hbmeta.models import eight_schools
+
+    data = eight_schools.load_data()
+    driver = hbm.MetaEB(eight_schools.model, inner=hbm.Newton(), objective="laplace")
+    with pytest.warns(UserWarning, match="tau is at its boundary 0.*hyperprior=True"):
+        result = driver.run(jax.random.PRNGKey(0), 300, data.support, progress_bar=False)
+    assert result.boundary_sites == ("tau",)
+    # The closed-form evidence agrees: its maximiser over τ is 0 (Rubin 1981; BDA3 §5.5).
+    assert float(eight_schools.exact_type2_ml(data.support)["tau"]) < 1e-2
+    linear_data = linear.load_data(small=True).all_data()
+    fit = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace").run(
+        jax.random.PRNGKey(0), 300, linear_data, progress_bar=False)
+    assert fit.boundary_sites == ()
