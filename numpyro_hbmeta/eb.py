@@ -218,7 +218,8 @@ class MetaEB:
             if progress_bar and (i % 10 == 0 or i == num_steps - 1):
                 bar.set_postfix(loss=f"{losses[i]:.4f}")
         params = self._constrained(state.params, support, query)
-        boundary = self.boundary_sites(params, support, query) if num_steps else ()
+        boundary = tuple(n for n in self.boundary_sites(params, support, query)
+                         if n not in inactive) if num_steps else ()
         if boundary:
             warnings.warn(
                 f"MetaEB: the estimate of {', '.join(boundary)} is at its boundary 0 (the "
