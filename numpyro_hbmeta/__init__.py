@@ -7,16 +7,20 @@ lets a NumPyro user write that model once and fit it with MAML, LLAMA and Laplac
 Bayes, and check them against NUTS on the same model.
 """
 
+from numpyro_hbmeta.compare import compare
 from numpyro_hbmeta.data import TaskData
 from numpyro_hbmeta.eb import MetaEB, MetaEBResult
 from numpyro_hbmeta.handler import MetaMarginal, meta_marginal
 from numpyro_hbmeta.implicit_prior import implicit_prior
+from numpyro_hbmeta.inference_data import to_inference_data
 from numpyro_hbmeta.inner import InnerInfo, Newton, TruncatedGD
 from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.results import FitResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FitResult",
     "InnerInfo",
     "MetaEB",
     "MetaEBResult",
@@ -24,7 +28,19 @@ __all__ = [
     "Newton",
     "TaskData",
     "TruncatedGD",
+    "compare",
     "implicit_prior",
     "meta_marginal",
+    "models",
+    "plots",
     "tasks",
+    "to_inference_data",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("plots", "models"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,7 +54,7 @@ def _mcmc(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: int,
     mcmc = MCMC(NUTS(model), num_warmup=num_warmup, num_samples=num_samples, num_chains=chains,
                 chain_method=chain_method, progress_bar=progress_bar)
     start = time.perf_counter()
-    mcmc.run(rng_key, **data)
+    mcmc.run(rng_key, extra_fields=("num_steps", "accept_prob", "energy", "diverging"), **data)
     jax.block_until_ready(mcmc.get_samples())
     return mcmc, time.perf_counter() - start
 

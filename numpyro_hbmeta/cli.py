@@ -64,6 +64,11 @@ def _compare(args: argparse.Namespace, models) -> int:
     start = time.perf_counter()
     key_data, key_fit = jax.random.split(jax.random.PRNGKey(args.seed))
     data = zoo.load_data(key_data, small=args.small)
+    if data.query is None and any(m in ("maml", "llama") for m in methods):
+        skipped = [m for m in methods if m in ("maml", "llama")]
+        print(f"hbmeta: {args.model} has no query set; skipping {', '.join(skipped)} "
+              "(they score held-out query data)", file=sys.stderr)
+        methods = [m for m in methods if m not in skipped]
     results = []
     for name, key in zip(methods, jax.random.split(key_fit, len(methods)), strict=True):
         print(f"== {name}", flush=True)
@@ -72,16 +77,58 @@ def _compare(args: argparse.Namespace, models) -> int:
     exact = zoo.exact_type2_ml(data.all_data()) if hasattr(zoo, "exact_type2_ml") else None
     header, rows = global_table(results, zoo.GLOBALS, truth=data.truth, exact=exact)
     table = markdown_table(header, rows)
-    total = time.perf_counter() - start
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(_report(args, zoo, data, results, table, total))
+    sections = _outputs(results, zoo, data, out)
+    total = time.perf_counter() - start
+    (out / "report.md").write_text(_report(args, zoo, data, results, table, total, sections))
     print(f"\nwrote {out / 'report.md'} ({total:.1f} s in all)")
     return 0
 
 
-def _report(args, zoo, data, results, table: str, total: float) -> str:
+def _outputs(results, zoo, data, out) -> list[str]:
+    """Write one netCDF per method, the figures and the comparison against NUTS; return the
+    report's extra markdown lines (printing the comparison table too)."""
+    import arviz as az
+
+    from numpyro_hbmeta import plots
+    from numpyro_hbmeta.compare import compare, summary_table
+    from numpyro_hbmeta.inference_data import to_inference_data
+
+    lines = []
+    for result in results:
+        idata = to_inference_data(result, task_labels=data.task_labels)
+        idata.to_netcdf(out / f"{result.method}.nc")
+        if "diverging" in result.sample_stats:
+            summary = az.summary(idata, var_names=list(zoo.GLOBALS), kind="diagnostics")
+            lines += ["", f"NUTS diagnostics ({result.method}): "
+                      f"{result.info.get('divergences', 0)} divergences; R-hat and bulk ESS:",
+                      "", summary[["r_hat", "ess_bulk"]].to_markdown()
+                      if _has_tabulate() else "```\n" + summary.to_string() + "\n```"]
+    lines += ["", "InferenceData (netCDF): " + ", ".join(f"`{r.method}.nc`" for r in results)]
+    for site in zoo.TASK_SITES[:1]:
+        figure = plots.forest(results, site, task_labels=data.task_labels)
+        path = plots.save(figure, out / f"forest_{site}.png")
+        lines += ["", f"Task effects `{site}` by method (50% and 90% intervals):", "",
+                  f"![forest]({path.name})"]
+    if any(r.method == "nuts" for r in results) and len(results) > 1:
+        frame = compare(results, reference="nuts")
+        text = summary_table(frame).to_string()
+        print("\nAgainst NUTS (|Δmean| in NUTS sd, sd ratio, 90% coverage of NUTS draws):")
+        print(text)
+        lines += ["", "Against NUTS on the full model, site by site (task sites averaged "
+                  "over tasks):", "", "```", text, "```"]
+    return lines
+
+
+def _has_tabulate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tabulate") is not None
+
+
+def _report(args, zoo, data, results, table: str, total: float, sections: list[str]) -> str:
     num_tasks = len(data.task_labels) if data.task_labels else "?"
     lines = [
         f"# hbmeta compare {args.model}",
@@ -111,6 +158,7 @@ def _report(args, zoo, data, results, table: str, total: float) -> str:
         lines.append(f"| {r.method} | {r.wall_time:.1f} | {notes} |")
     if not getattr(zoo, "LAPLACE_EXACT", False) and any(r.method == "laplace" for r in results):
         lines += ["", "Laplace is approximate for this model (tasks are not Gaussian)."]
+    lines += sections
     lines += ["", f"Total wall time {total:.1f} s."]
     return "\n".join(lines) + "\n"
 

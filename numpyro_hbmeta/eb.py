@@ -328,6 +328,24 @@ class MetaEB:
                    if self.inner.prior == "implicit" else ""))
         return TaskGaussian(phi_hat, precision_matrix=precision, context=context)
 
+    def to_inference_data(self, result: MetaEBResult, support: Mapping[str, Any], *,
+                          rng_key=None, num_samples: int = 1000, task_labels=None,
+                          query: Mapping[str, Any] | None = None):
+        """ArviZ ``InferenceData`` of a fit: the point-estimated globals (repeated, sd 0) and
+        ``num_samples`` draws of every task site from :meth:`task_posterior`, with a ``tasks``
+        dimension (see :func:`numpyro_hbmeta.to_inference_data`)."""
+        from numpyro_hbmeta.inference_data import to_inference_data
+        from numpyro_hbmeta.results import FitResult
+
+        rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+        draws = self.sample_posterior(rng_key, result.params, support, num_samples)
+        fit = FitResult(self.marginal.objective, self.model, dict(support),
+                        {k: np.asarray(v)[None] for k, v in draws.items()},
+                        point_sites=tuple(result.params),
+                        info={"final_loss": float(result.losses[-1])} if len(result.losses)
+                        else {}, approximate="point estimate of the globals (empirical Bayes)")
+        return to_inference_data(fit, task_labels=task_labels, query=query)
+
     def _laplace_gaussian(self, params, support):
         context = context_at(self.model, params, support)
         phi_hat, _ = self.marginal.solve(context, support)

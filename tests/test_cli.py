@@ -39,3 +39,23 @@ def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "numpyro_hbmeta.cli", "models"],
                             capture_output=True, text=True, timeout=120, check=True)
     assert "linear" in result.stdout
+
+
+@pytest.mark.parametrize("model", ["logistic", "eight_schools", "radon"])
+def test_compare_every_zoo_model_small(tmp_path, model, capsys):
+    """End to end with --small: report, one netCDF per method, the forest figure."""
+    import arviz as az
+
+    assert main(["compare", model, "--small", "--no-progress", "--methods", "laplace,nuts",
+                 "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Against NUTS" in report and "R-hat" in report
+    for method in ("laplace", "nuts"):
+        idata = az.from_netcdf(tmp_path / f"{method}.nc")
+        assert "tasks" in idata.posterior.dims
+    figure = next(tmp_path.glob("forest_*.png"))
+    assert figure.stat().st_size > 10_000
+    if model == "eight_schools":
+        assert "tau at the boundary 0" in report
+    if model == "logistic":
+        assert "Laplace is approximate" in report
