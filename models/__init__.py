@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ZOO: tuple[str, ...] = ("linear", "logistic", "eight_schools", "radon")
+ZOO: tuple[str, ...] = ("linear", "logistic", "eight_schools", "radon", "sinusoid")
 
 
 def get_model(name: str) -> ModuleType:

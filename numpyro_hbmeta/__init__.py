@@ -8,18 +8,22 @@ Bayes, and check them against NUTS on the same model.
 """
 
 from numpyro_hbmeta.compare import compare
+from numpyro_hbmeta.curvature import GGN, KFAC
 from numpyro_hbmeta.data import TaskData
 from numpyro_hbmeta.eb import MetaEB, MetaEBResult
 from numpyro_hbmeta.handler import MetaMarginal, meta_marginal
 from numpyro_hbmeta.implicit_prior import implicit_prior
 from numpyro_hbmeta.inference_data import to_inference_data
 from numpyro_hbmeta.inner import InnerInfo, Newton, TruncatedGD
+from numpyro_hbmeta.layers import dense_layer
 from numpyro_hbmeta.plate import tasks
 from numpyro_hbmeta.results import FitResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GGN",
+    "KFAC",
     "FitResult",
     "InnerInfo",
     "MetaEB",
@@ -29,6 +33,7 @@ __all__ = [
     "TaskData",
     "TruncatedGD",
     "compare",
+    "dense_layer",
     "implicit_prior",
     "meta_marginal",
     "models",

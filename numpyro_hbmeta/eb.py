@@ -93,7 +93,8 @@ class MetaEB:
         model: the NumPyro model (globals outside, task sites inside ``hbm.tasks``).
         inner: :class:`TruncatedGD` or :class:`Newton`.
         objective: ``"maml"``, ``"llama"`` or ``"laplace"``.
-        curvature: ``"full"`` or ``"diag"``.
+        curvature: ``"full"``, ``"diag"``, or for ``llama`` ``"kfac"``/``"ggn"`` (or a
+            configured ``KFAC(...)``/``GGN(...)``), as in :func:`meta_marginal`.
         optimizer: an optax ``GradientTransformation`` (default ``optax.adam(1e-2)``); ones
             that need ``value``/``grad``/``value_fn`` (``optax.lbfgs``) are supported.
         eta: LLAMA's η.

@@ -37,7 +37,7 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.primitives import Messenger
 
-from numpyro_hbmeta.curvature import CURVATURES
+from numpyro_hbmeta.curvature import curvature_builder
 from numpyro_hbmeta.density import (
     TaskLogDensity,
     check_task_independence,
@@ -45,6 +45,7 @@ from numpyro_hbmeta.density import (
     task_log_density,
     unflatten,
 )
+from numpyro_hbmeta.fisher import TaskObservations
 from numpyro_hbmeta.inner import InnerInfo, Newton, TruncatedGD
 from numpyro_hbmeta.introspect import TaskSpec, check_model_arguments, check_task_axis, task_spec
 from numpyro_hbmeta.plate import is_task_frame, tasks
@@ -102,6 +103,10 @@ class TaskContext(NamedTuple):
         """Φ -> per-task log-likelihood and log prior on ``data``."""
         return lambda phi: task_log_density(model, self.spec, self.globals_, self.indices,
                                             data, phi)
+
+    def observations(self, model: Callable, data: Mapping[str, Any]) -> TaskObservations:
+        """The model's observation sites on ``data`` as functions of Φ (for kfac and ggn)."""
+        return TaskObservations(model, self.spec, self.globals_, self.indices, data)
 
     def constrained(self, phi: jnp.ndarray) -> dict[str, jnp.ndarray]:
         """(..., tasks, d) -> constrained task site values (leading axes kept)."""
@@ -163,11 +168,15 @@ class MetaMarginal:
     """The model over θ built by :func:`meta_marginal`; call it like a NumPyro model."""
 
     def __init__(self, model: Callable, *, inner: TruncatedGD | Newton, objective: str,
-                 curvature: str, eta: float) -> None:
+                 curvature: Any, eta: float) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {tuple(CURVATURES)}, got {curvature!r}")
+        self.build = curvature_builder(curvature)
+        if objective == "laplace" and getattr(self.build, "likelihood_only", False):
+            raise ValueError(
+                f"curvature={curvature!r} approximates the Fisher of the log-likelihood, but "
+                "objective='laplace' needs the curvature of the log joint (likelihood and "
+                "prior); use it with objective='llama', or curvature='full'/'diag' for laplace")
         if not isinstance(inner, TruncatedGD | Newton):
             raise TypeError(f"inner must be TruncatedGD(...) or Newton(...), got {inner!r}")
         if eta < 0:
@@ -223,14 +232,14 @@ class MetaMarginal:
         """Per-task objective (tasks,) and the smallest curvature eigenvalue (or None)."""
         if self.objective == "maml":
             return context.log_density(self.model, query)(phi_hat).log_lik, None
-        build = CURVATURES[self.curvature]
+        build = self.build
         if self.objective == "llama":
             query_nll = lambda p: -context.log_density(self.model, query)(p).log_lik  # noqa: E731
-            curvature = build(query_nll, phi_hat)
+            curvature = build(query_nll, phi_hat, context.observations(self.model, query))
             value = -query_nll(phi_hat) - self.eta * curvature.logdet()
             return value, curvature.min_eigenvalue()
         neg_joint = lambda p: -context.log_density(self.model, support)(p).log_joint  # noqa: E731
-        curvature = build(neg_joint, phi_hat)
+        curvature = build(neg_joint, phi_hat, context.observations(self.model, support))
         half_log_2pi = 0.5 * context.spec.dim * math.log(2 * math.pi)
         value = -neg_joint(phi_hat) + half_log_2pi - 0.5 * curvature.logdet()
         return value, curvature.min_eigenvalue()
@@ -279,7 +288,7 @@ class MetaMarginal:
 
 
 def meta_marginal(model: Callable, *, inner: TruncatedGD | Newton, objective: str = "laplace",
-                  curvature: str = "full", eta: float = 1e-6) -> MetaMarginal:
+                  curvature: Any = "full", eta: float = 1e-6) -> MetaMarginal:
     """The meta-inference handler: ``model`` with its tasks marginalised.
 
     Args:
@@ -287,7 +296,11 @@ def meta_marginal(model: Callable, *, inner: TruncatedGD | Newton, objective: st
             arguments are the data, task-major.
         inner: the task solver, :class:`TruncatedGD` or :class:`Newton`.
         objective: ``"maml"``, ``"llama"`` or ``"laplace"`` (module docstring).
-        curvature: ``"full"`` or ``"diag"``; used by ``llama`` and ``laplace`` only.
+        curvature: ``"full"``, ``"diag"``, ``"kfac"`` or ``"ggn"`` (the last two: ``llama``
+            only, Fisher of the query log-likelihood; ``"kfac"`` needs every task parameter
+            in a :func:`~numpyro_hbmeta.layers.dense_layer`), or a configured builder such
+            as ``KFAC(damping=1e-2)`` (:mod:`numpyro_hbmeta.curvature`); used by ``llama``
+            and ``laplace`` only.
         eta: LLAMA's weight η on log det Ĥ_j (1e-6 in the paper).
 
     Returns:

@@ -1,0 +1,136 @@
+"""The sinusoid zoo model: data, declared layers, a short MAML fit, the held-out predictive."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.stats
+from numpyro import handlers
+
+import numpyro_hbmeta as hbm
+from numpyro_hbmeta import nn
+from numpyro_hbmeta.curvature import GGN
+from numpyro_hbmeta.implicit_prior import context_at
+from numpyro_hbmeta.kfac import unvec_mlp
+from numpyro_hbmeta.layers import LAYER
+from numpyro_hbmeta.models import get_model, sinusoid
+from numpyro_hbmeta.plate import is_task_frame
+
+
+def test_load_data_shapes_truth_and_reproducibility():
+    data = sinusoid.load_data(small=True, shots=5)
+    for part in (data.support, data.query):
+        assert part["x"].shape == (10, 5, 1) and part["y"].shape == (10, 5)
+        assert float(jnp.max(jnp.abs(part["x"]))) <= 5.0
+    amplitude, phase = data.truth["amplitude"], data.truth["phase"]
+    assert bool(jnp.all((amplitude >= 0.1) & (amplitude <= 5.0)))
+    assert bool(jnp.all((phase >= 0.0) & (phase <= math.pi)))
+    expected = amplitude[:, None] * jnp.sin(data.query["x"][..., 0] - phase[:, None])
+    np.testing.assert_allclose(data.query["y"], expected, rtol=1e-6)
+    again = sinusoid.load_data(jax.random.PRNGKey(0), small=True, shots=5)
+    np.testing.assert_array_equal(data.support["x"], again.support["x"])
+    default = sinusoid.load_data()
+    assert default.support["x"].shape == (25, 10, 1) and default.query["y"].shape == (25, 10)
+    assert get_model("sinusoid") is sinusoid
+
+
+def test_model_sites_and_declared_layers():
+    data = sinusoid.load_data(small=True).support
+    with handlers.trace() as trace:  # shapes and types only: trace abstractly (fast)
+        jax.eval_shape(lambda: handlers.seed(sinusoid.model, 0)(**data))
+    latent = {n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    assert latent == set(sinusoid.GLOBALS) | set(sinusoid.TASK_SITES)
+    assert trace["theta"]["value"].shape == (sinusoid.NUM_PARAMS,) == (1761,)
+    assert trace["phi"]["value"].shape == (10, 1, 1761)
+    assert any(is_task_frame(f) for f in trace["phi"]["cond_indep_stack"])
+    assert [n for n, s in trace.items() if s["type"] == LAYER] == ["dense_0", "dense_1",
+                                                                    "dense_2"]
+    assert sinusoid.LAPLACE_EXACT is False
+
+
+def test_network_is_the_ntk_parametrised_mlp():
+    phi = jax.random.normal(jax.random.PRNGKey(0), (3, sinusoid.NUM_PARAMS))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 7, 1), minval=-5, maxval=5)
+    params = unvec_mlp(phi, sinusoid.SIZES)
+    for layer, width in enumerate(sinusoid.SIZES[:-1]):
+        params[f"dense_{layer}"]["w"] = params[f"dense_{layer}"]["w"] / math.sqrt(width)
+    expected = jax.vmap(nn.mlp)(params, x)[..., 0]
+    np.testing.assert_allclose(sinusoid.network(phi, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def query_mse(params, data, inner):
+    """Query MSE per predictor: φ̂ after the inner loop, θ itself, and 0."""
+    marginal = hbm.meta_marginal(sinusoid.model, inner=inner, objective="maml")
+    context = context_at(sinusoid.model, params, data.support)
+    phi_hat, _ = jax.jit(lambda: marginal.solve(context, data.support))()
+    x, y = data.query["x"], data.query["y"]
+    return {"adapted": float(jnp.mean((sinusoid.network(phi_hat, x) - y) ** 2)),
+            "theta": float(jnp.mean((sinusoid.network(context.phi0, x) - y) ** 2)),
+            "zero": float(jnp.mean(y**2))}
+
+
+def test_short_maml_fit_adapts():
+    # A CI-sized MetaEB run (float32): the inner loop must beat predicting with θ itself and
+    # predicting 0 on the tasks' held-out query points; with no adaptation φ̂ = θ and it fails.
+    data = sinusoid.load_data(small=True, shots=10)
+    inner = hbm.TruncatedGD(sinusoid.FIT["maml_steps"], sinusoid.FIT["maml_step_size"])
+    driver = hbm.MetaEB(sinusoid.model, inner=inner, objective="maml",
+                        optimizer=optax.adam(sinusoid.FIT["eb_learning_rate"]))
+    result = driver.run(jax.random.PRNGKey(2), 300, data.support, data.query,
+                        init_params=sinusoid.init_params(jax.random.PRNGKey(3)),
+                        progress_bar=False)
+    assert np.mean(result.losses[-20:]) < 0.3 * result.losses[0]
+    mse = query_mse(result.params, data, inner)
+    assert mse["adapted"] < 0.5 * min(mse["theta"], mse["zero"]), mse
+
+
+def hand_predictive(params, support, query, *, num_steps, step_size, damping):
+    """MAML's plug-in and the linearised Laplace predictive log-likelihoods, computed densely
+    with an independent MLP and scipy."""
+    sigma, sizes = sinusoid.NOISE, sinusoid.SIZES
+
+    def f(phi, x):  # one task, x: (points, 1)
+        h = x
+        start = 0
+        for layer, (a, b) in enumerate(itertools.pairwise(sizes)):
+            w_bar = phi[start:start + (a + 1) * b].reshape(a + 1, b)
+            start += (a + 1) * b
+            h = h @ w_bar[:-1] / math.sqrt(a) + w_bar[-1]
+            h = jax.nn.relu(h) if layer < len(sizes) - 2 else h
+        return h[:, 0]
+
+    @jax.jit
+    def adapt(theta, xs, ys, xq):
+        phi = theta
+        for _ in range(num_steps):
+            phi = phi - step_size * jax.grad(
+                lambda p: jnp.sum((f(p, xs) - ys) ** 2) / (2 * sigma**2))(phi)
+        return phi, f(phi, xq), jax.jacrev(f)(phi, xs), jax.jacrev(f)(phi, xq)
+
+    out = {"plug-in": [], "laplace": []}
+    for j in range(support["x"].shape[0]):
+        xs, ys, xq, yq = support["x"][j], support["y"][j], query["x"][j], query["y"][j]
+        phi, mean, js, jq = (np.asarray(v) for v in adapt(params["theta"], xs, ys, xq))
+        out["plug-in"].append(scipy.stats.norm(mean, sigma).logpdf(np.asarray(yq)).sum())
+        precision = js.T @ js / sigma**2 + damping * np.eye(phi.shape[0])
+        cov = sigma**2 * np.eye(len(yq)) + jq @ np.linalg.solve(precision, jq.T)
+        out["laplace"].append(scipy.stats.multivariate_normal(mean, cov).logpdf(np.asarray(yq)))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def test_predictive_log_lik_matches_a_dense_hand_computation(x64):
+    data = sinusoid.simulate(jax.random.PRNGKey(4), num_tasks=2, shots=3, num_query=4)
+    params = sinusoid.init_params(jax.random.PRNGKey(5))
+    inner = hbm.TruncatedGD(2, 0.01)
+    damping = 0.5
+    expected = hand_predictive(params, data.support, data.query, num_steps=2, step_size=0.01,
+                               damping=damping)
+    maml = sinusoid.predictive_log_lik(params, data.support, data.query, inner=inner)
+    llama = sinusoid.predictive_log_lik(params, data.support, data.query, inner=inner,
+                                        curvature=GGN(damping=damping))
+    np.testing.assert_allclose(maml, expected["plug-in"], rtol=1e-9)
+    np.testing.assert_allclose(llama, expected["laplace"], rtol=1e-9)
+    assert not np.allclose(maml, llama)  # the posterior spread enters
