@@ -64,6 +64,12 @@ def _compare(args: argparse.Namespace, models) -> int:
     start = time.perf_counter()
     key_data, key_fit = jax.random.split(jax.random.PRNGKey(args.seed))
     data = zoo.load_data(key_data, small=args.small)
+    supported = getattr(zoo, "COMPARE_METHODS", None)
+    if supported is not None and set(methods) - set(supported):
+        print(f"hbmeta: compare supports {list(supported) or 'no method'} for {args.model} "
+              f"(see the model's docstring), not {sorted(set(methods) - set(supported))}",
+              file=sys.stderr)
+        return 2
     if data.query is None and any(m in ("maml", "llama") for m in methods):
         skipped = [m for m in methods if m in ("maml", "llama")]
         print(f"hbmeta: {args.model} has no query set; skipping {', '.join(skipped)} "
