@@ -316,6 +316,8 @@ class MetaEB:
         """
         context = context_at(self.model, params, support)
         phi_hat, precision = jax.jit(self._laplace_gaussian)(dict(params), support)
+        # HVP-built Hessians are symmetric only up to roundoff.
+        precision = 0.5 * (precision + jnp.swapaxes(precision, -1, -2))
         eig = np.asarray(jnp.linalg.eigvalsh(precision)[:, 0])
         if not (eig > 0).all():
             bad = np.nonzero(~(eig > 0))[0]

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from numpyro_hbmeta import Newton, baselines
+from numpyro_hbmeta import Newton, TruncatedGD, baselines
 from numpyro_hbmeta.inference_data import task_site_draws, to_inference_data
 from numpyro_hbmeta.models import linear, radon
 from numpyro_hbmeta.results import FitResult
 
-METHODS = ("nuts", "laplace")
+METHODS = ("nuts", "laplace", "maml", "nuts_marginal", "svi_normal", "svi_delta")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,16 @@ def fits(data):
             "laplace": baselines.run_eb(linear.model, data.support, key, objective="laplace",
                                         inner=Newton(), num_steps=100, num_samples=100,
                                         progress_bar=False),
+            "maml": baselines.run_eb(linear.model, data.support, key, objective="maml",
+                                     inner=TruncatedGD(5, 0.002), query=data.query,
+                                     num_steps=100, num_samples=100, progress_bar=False),
+            "nuts_marginal": baselines.run_nuts_marginal(
+                linear.model, data.support, key, num_warmup=50, num_samples=50, num_chains=1,
+                progress_bar=False),
+            "svi_normal": baselines.run_svi(linear.model, data.support, key, guide="normal",
+                                            num_steps=200, num_samples=100, progress_bar=False),
+            "svi_delta": baselines.run_svi(linear.model, data.support, key, guide="delta",
+                                           num_steps=200, num_samples=100, progress_bar=False),
         }
 
 
