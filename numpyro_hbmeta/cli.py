@@ -118,6 +118,7 @@ def _outputs(results, zoo, data, out) -> list[str]:
         path = plots.save(figure, out / f"forest_{site}.png")
         lines += ["", f"Task effects `{site}` by method (50% and 90% intervals):", "",
                   f"![forest]({path.name})"]
+    lines += _implicit_prior_figure(results, zoo, data, out)
     if any(r.method == "nuts" for r in results) and len(results) > 1:
         frame = compare(results, reference="nuts")
         text = summary_table(frame).to_string()
@@ -126,6 +127,35 @@ def _outputs(results, zoo, data, out) -> list[str]:
         lines += ["", "Against NUTS on the full model, site by site (task sites averaged "
                   "over tasks):", "", "```", text, "```"]
     return lines
+
+
+def _implicit_prior_figure(results, zoo, data, out) -> list[str]:
+    """For MAML on a model with 2-D tasks: the implicit prior of K steps of size β at the
+    fitted globals against the MAML task posterior (Grant et al. 2018, Fig. 2)."""
+    import numpy as np
+
+    from numpyro_hbmeta import plots
+    from numpyro_hbmeta.eb import MetaEB
+    from numpyro_hbmeta.implicit_prior import implicit_prior
+    from numpyro_hbmeta.inner import TruncatedGD
+    from numpyro_hbmeta.methods import settings
+
+    maml = next((r for r in results if r.method == "maml"), None)
+    if maml is None:
+        return []
+    params = {k: np.asarray(v)[0, 0] for k, v in maml.samples.items() if k in maml.point_sites}
+    s = settings(zoo, small=False)
+    inner = TruncatedGD(s["maml_steps"], s["maml_step_size"])
+    prior = implicit_prior(zoo.model, params, data.support, inner)
+    if prior.event_shape != (2,):
+        return []
+    posterior = MetaEB(zoo.model, inner=inner, objective="maml").task_posterior(params,
+                                                                                data.support)
+    figure = plots.implicit_prior_ellipse(prior, posterior, task=0)
+    path = plots.save(figure, out / "implicit_prior.png")
+    return ["", f"MAML's implicit prior ({inner.num_steps} steps of size {inner.step_size}) "
+            "and its task posterior, task 0, at the MAML globals:", "",
+            f"![implicit prior]({path.name})"]
 
 
 def _has_tabulate() -> bool:

@@ -20,6 +20,8 @@ def test_compare_linear_small_writes_report(tmp_path, capsys):
     for text in (out, report):
         assert "exact EB" in text and "theta[1]" in text and "nuts (mean ± sd)" in text
     assert "not in objective" in report  # τ is not identified by MAML's objective
+    assert (tmp_path / "implicit_prior.png").stat().st_size > 10_000  # 2-D tasks: ellipses
+    assert {p.name for p in tmp_path.glob("*.nc")} == {"maml.nc", "laplace.nc", "nuts.nc"}
     # Laplace EB is exact type-II ML here: its column equals the exact one to print precision.
     rows = [line.split("|") for line in report.splitlines() if line.startswith("| theta")]
     header = next(line.split("|") for line in report.splitlines() if line.startswith("| site"))
