@@ -32,6 +32,7 @@ __all__ = [
     "Newton",
     "TaskData",
     "TruncatedGD",
+    "baselines",
     "compare",
     "dense_layer",
     "implicit_prior",
@@ -44,7 +45,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("plots", "models"):
+    if name in ("plots", "models", "baselines"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
