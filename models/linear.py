@@ -106,7 +106,8 @@ def exact_type2_ml(data, *, init=None) -> dict:
     """Maximise the closed-form evidence over (θ, log τ, log σ) with SciPy's BFGS on float64
     gradients, independently of the library's handler: the reference for empirical Bayes."""
     import numpy as np
-    import scipy.optimize
+
+    from numpyro_hbmeta.models._reference import minimise_float64
 
     features = data["x"].shape[-1]
     start = np.zeros(features + 2) if init is None else np.asarray(init, float)
@@ -116,15 +117,6 @@ def exact_type2_ml(data, *, init=None) -> dict:
                 "sigma": jnp.exp(z[features + 1])}
 
     with jax.enable_x64(True):
-        value_and_grad = jax.jit(jax.value_and_grad(
-            lambda z: -jnp.sum(exact_log_evidence(unpack(z), data))))
-
-        def fun(z):
-            value, grad = value_and_grad(jnp.asarray(z, jnp.float64))
-            return float(value), np.asarray(grad, float)
-
-        result = scipy.optimize.minimize(fun, start, jac=True, method="BFGS",
-                                         options={"gtol": 1e-9, "maxiter": 1000})
-    if not result.success and np.linalg.norm(result.jac) > 1e-5:
-        raise RuntimeError(f"exact_type2_ml did not converge: {result.message}")
-    return {k: jnp.asarray(v) for k, v in unpack(jnp.asarray(result.x)).items()}
+        data64 = {k: jnp.asarray(v, jnp.float64) for k, v in data.items()}
+        z = minimise_float64(lambda z: -jnp.sum(exact_log_evidence(unpack(z), data64)), start)
+    return {k: jnp.asarray(v) for k, v in unpack(jnp.asarray(z)).items()}

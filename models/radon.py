@@ -263,7 +263,7 @@ def exact_type2_ml(data, *, init=None) -> dict:
     """Maximise Σ_j :func:`exact_log_evidence` over (μ_α, β, log τ, log σ) with SciPy's BFGS on
     float64 gradients, independently of the library's handler: the reference for empirical
     Bayes (the maximum-likelihood fit of ``lmer(y ~ x + (1 | county), REML = FALSE)``)."""
-    import scipy.optimize
+    from numpyro_hbmeta.models._reference import minimise_float64
 
     start = np.array([1.0, 0.0, np.log(0.5), np.log(0.5)]) if init is None else np.asarray(
         init, float)
@@ -274,15 +274,6 @@ def exact_type2_ml(data, *, init=None) -> dict:
     with jax.enable_x64(True):
         data64 = {k: jnp.asarray(v, bool if k == "mask" else jnp.float64)
                   for k, v in data.items()}
-        value_and_grad = jax.jit(jax.value_and_grad(
-            lambda z: -jnp.sum(exact_log_evidence(unpack(z), data64))))
-
-        def fun(z):
-            value, grad = value_and_grad(jnp.asarray(z, jnp.float64))
-            return float(value), np.asarray(grad, float)
-
-        result = scipy.optimize.minimize(fun, start, jac=True, method="BFGS",
-                                         options={"gtol": 1e-8, "maxiter": 1000})
-    if not result.success and np.linalg.norm(result.jac) > 1e-4:
-        raise RuntimeError(f"exact_type2_ml did not converge: {result.message}")
-    return {k: jnp.asarray(v) for k, v in unpack(jnp.asarray(result.x)).items()}
+        z = minimise_float64(lambda z: -jnp.sum(exact_log_evidence(unpack(z), data64)), start,
+                             gtol=1e-8, jac_tol=1e-4)
+    return {k: jnp.asarray(v) for k, v in unpack(jnp.asarray(z)).items()}
