@@ -15,7 +15,7 @@ from numpyro_hbmeta.models import linear
 
 
 def run(model, data, seed):
-    mcmc = MCMC(NUTS(model), num_warmup=400, num_samples=1000, num_chains=1,
+    mcmc = MCMC(NUTS(model), num_warmup=300, num_samples=700, num_chains=1,
                 progress_bar=False)
     mcmc.run(jax.random.PRNGKey(seed), data)
     return mcmc.get_samples(group_by_chain=True)
