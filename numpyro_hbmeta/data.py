@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
-__all__ = ["TaskData", "concat_points", "num_tasks", "take_tasks"]
+__all__ = ["TaskData", "concat_points", "take_tasks"]
 
 
 class TaskData(NamedTuple):
@@ -51,12 +50,6 @@ def concat_points(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[s
     return out
 
 
-def num_tasks(data: Mapping[str, Any]) -> int | None:
-    """The common leading-axis length of the arrays in ``data`` (``None`` if no arrays)."""
-    sizes = {k: jnp.shape(v)[0] for k, v in data.items() if _is_array(v) and jnp.ndim(v) >= 1}
-    return next(iter(sizes.values())) if sizes else None
-
-
 def take_tasks(data: Mapping[str, Any], indices: jnp.ndarray) -> dict[str, Any]:
     """Slice the task axis of every array in ``data`` (non-arrays pass unchanged)."""
     return {
@@ -65,9 +58,3 @@ def take_tasks(data: Mapping[str, Any], indices: jnp.ndarray) -> dict[str, Any]:
         else value
         for key, value in data.items()
     }
-
-
-def tree_finite(tree: Any) -> jnp.ndarray:
-    """True when every leaf of ``tree`` is finite."""
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

@@ -30,8 +30,8 @@ from numpyro_hbmeta.handler import (
     OBJECTIVE_SITE,
     MetaMarginal,
     TaskContext,
-    _hide_tasks,
     meta_marginal,
+    trace_hidden,
 )
 from numpyro_hbmeta.implicit_prior import context_at, implicit_precision
 from numpyro_hbmeta.inner import Newton, TruncatedGD
@@ -78,12 +78,6 @@ class TaskGaussian(dist.MultivariateNormal):
     def to_sites(self, value: jnp.ndarray) -> dict[str, jnp.ndarray]:
         """(..., tasks, d) -> {task site: constrained value (..., *site shape)}."""
         return self._context.constrained(value)
-
-
-def _trace_hidden(model: Callable, data: Mapping[str, Any]):
-    with _hide_tasks(), handlers.trace() as tr:
-        model(**data)
-    return tr
 
 
 class MetaEB:
@@ -263,7 +257,7 @@ class MetaEB:
         solved): their supports, shapes and, with ``substitute_fn``, values."""
         with handlers.block(), handlers.seed(rng_seed=rng_key), handlers.substitute(
                 substitute_fn=substitute_fn or (lambda msg: None)):
-            context_trace = _trace_hidden(self.model, support)
+            context_trace = trace_hidden(self.model, support)
         return {n: s for n, s in context_trace.items()
                 if s["type"] == "sample" and not s["is_observed"]
                 and n in self._global_names(context_trace)}

@@ -116,13 +116,19 @@ class TaskContext(NamedTuple):
                 for name, value in unflatten(self.spec, phi).items()}
 
 
+def trace_hidden(model: Callable, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Trace ``model(**data)`` with its task sites hidden from outer handlers."""
+    with _hide_tasks(), handlers.trace() as tr:
+        model(**data)
+    return tr
+
+
 def trace_globals(model: Callable, data: Mapping[str, Any]) -> TaskContext:
     """Run the model with its task sites hidden and read off the task structure and globals.
 
     Outer handlers (a sampler's substitute, a seed) see and set the global sites only.
     """
-    with _hide_tasks(), handlers.trace() as tr:
-        model(**data)
+    tr = trace_hidden(model, data)
     spec = task_spec(tr)
     globals_ = {name: tr[name]["value"] for name in spec.global_sites}
     plate_site = tr.get(spec.plate_name)
