@@ -67,7 +67,7 @@ def load_data(rng_key=None, *, small: bool = False) -> TaskData:
     Returns:
         ``support = {"sigma": (8,), "y": (8,)}``, no query set, task labels ``A``–``H``.
 
-    Example:
+    Examples:
         >>> data = load_data()
         >>> data.support["y"].shape, data.task_labels[0], data.query is None
         ((8,), 'A', True)

@@ -57,7 +57,7 @@ def simulate(rng_key, *, num_tasks: int, num_support: int, num_query: int = 0,
              theta=TRUE_THETA, tau: float = TRUE_TAU) -> TaskData:
     """Draw tasks from the model with known globals; x has an intercept column.
 
-    Example:
+    Examples:
         >>> data = simulate(jax.random.PRNGKey(0), num_tasks=3, num_support=4, num_query=2)
         >>> data.support["x"].shape, data.query["y"].shape, data.truth["phi"].shape
         ((3, 4, 3), (3, 2), (3, 3))

@@ -171,7 +171,7 @@ def summary_table(df: pd.DataFrame, metrics: Sequence[str] = ("mean_diff_sd", "s
     then the per-method ``("method", "wall_time")`` and ``("method", "heldout_lpd")``;
     values rounded to ``digits``.
 
-    Example:
+    Examples:
         >>> print(summary_table(compare(fits, query=data.query)))  # doctest: +SKIP
     """
     methods = list(dict.fromkeys(df["method"]))

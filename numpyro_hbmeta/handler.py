@@ -314,7 +314,7 @@ def meta_marginal(model: Callable, *, inner: TruncatedGD | Newton, objective: st
         global sites; ``MCMC(NUTS(marginal))`` is full Bayes over θ with tasks marginalised,
         its MAP/type-II ML is MAML / LLAMA / Laplace empirical Bayes.
 
-    Example:
+    Examples:
         >>> import jax, numpyro_hbmeta as hbm
         >>> from numpyro_hbmeta.models import linear
         >>> data = linear.load_data(jax.random.PRNGKey(0), small=True)

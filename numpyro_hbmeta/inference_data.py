@@ -462,7 +462,7 @@ def to_inference_data(result: FitResult, *, task_labels: Sequence | None = None,
     Returns:
         The ``arviz.InferenceData``.
 
-    Example:
+    Examples:
         >>> idata = to_inference_data(fit, task_labels=data.task_labels)  # doctest: +SKIP
         >>> idata.posterior.phi.dims  # doctest: +SKIP
         ('chain', 'draw', 'tasks', 'phi_dim_0')

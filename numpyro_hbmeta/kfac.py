@@ -340,7 +340,7 @@ def logdet(factor: KroneckerFactor, damping: float | jnp.ndarray = 0.0) -> jnp.n
     Returns:
         Shape (...); NaN where A or G has an eigenvalue below −roundoff.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> f = KroneckerFactor(jnp.diag(jnp.array([1.0, 2.0])), jnp.array([[3.0]]))
         >>> round(float(logdet(f, 1.0)), 4)  # log(1·3 + 1) + log(2·3 + 1)

@@ -84,7 +84,7 @@ def dense_layer(name: str, x: jnp.ndarray, w: jnp.ndarray,
     Returns:
         The pre-activation, (tasks, ..., d_out) (or (..., d_out)).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> x, w, b = jnp.ones((2, 3, 1)), jnp.full((2, 1, 4), 2.0), jnp.zeros((2, 4))
         >>> dense_layer("hidden", x, w, b).shape

@@ -66,7 +66,7 @@ class tasks(numpyro.plate):  # noqa: N801 - a handler, named like numpyro's
             scaled by ``size / subsample_size``.
         dim: the batch dimension that indexes tasks (negative).
 
-    Example:
+    Examples:
         >>> import numpyro, numpyro.distributions as dist
         >>> from numpyro import handlers
         >>> def model():
