@@ -55,15 +55,8 @@ def simulate(rng_key, *, num_tasks: int, num_support: int, num_query: int = 0,
     theta = jnp.asarray(theta)
     x, phi, y = _draw(rng_key, theta, jnp.asarray(tau), jnp.asarray(sigma), num_tasks,
                       num_support + num_query)
-    support = {"x": x[:, :num_support], "y": y[:, :num_support]}
-    query = {"x": x[:, num_support:], "y": y[:, num_support:]} if num_query else None
-    return TaskData(
-        support=support,
-        query=query,
-        task_labels=[f"task{j}" for j in range(num_tasks)],
-        truth={"theta": theta, "tau": jnp.asarray(tau), "sigma": jnp.asarray(sigma),
-               "phi": phi},
-    )
+    truth = {"theta": theta, "tau": jnp.asarray(tau), "sigma": jnp.asarray(sigma), "phi": phi}
+    return TaskData.from_points({"x": x, "y": y}, num_support, truth=truth)
 
 
 @partial(jax.jit, static_argnums=(4, 5))

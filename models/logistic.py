@@ -71,14 +71,8 @@ def simulate(rng_key, *, num_tasks: int, num_support: int, num_query: int = 0,
     phi = theta + tau * jax.random.normal(key_phi, (num_tasks, features))
     logits = jnp.einsum("jnf,jf->jn", x, phi)
     y = jax.random.bernoulli(key_y, jax.nn.sigmoid(logits)).astype(jnp.int32)
-    support = {"x": x[:, :num_support], "y": y[:, :num_support]}
-    query = {"x": x[:, num_support:], "y": y[:, num_support:]} if num_query else None
-    return TaskData(
-        support=support,
-        query=query,
-        task_labels=[f"task{j}" for j in range(num_tasks)],
-        truth={"theta": theta, "tau": jnp.asarray(tau), "phi": phi},
-    )
+    truth = {"theta": theta, "tau": jnp.asarray(tau), "phi": phi}
+    return TaskData.from_points({"x": x, "y": y}, num_support, truth=truth)
 
 
 def load_data(rng_key=None, *, small: bool = False) -> TaskData:

@@ -33,6 +33,31 @@ class TaskData(NamedTuple):
         """Support and query joined along the points axis (the data a statistician fits)."""
         return self.support if self.query is None else concat_points(self.support, self.query)
 
+    @classmethod
+    def from_points(cls, points: Mapping[str, Any], num_support: int, *,
+                    truth: dict[str, Any] | None = None) -> TaskData:
+        """Split every ``(tasks, points, ...)`` array at ``num_support`` along the points axis.
+
+        The first ``num_support`` points of each task are its support set, the rest its query
+        set (``None`` when there are none); tasks are labelled ``task0, task1, ...``.
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> data = TaskData.from_points({"y": jnp.zeros((3, 5))}, 2)
+            >>> data.support["y"].shape, data.query["y"].shape, data.task_labels[-1]
+            ((3, 2), (3, 3), 'task2')
+        """
+        arrays = {key: jnp.asarray(value) for key, value in points.items()}
+        num_tasks, num_points = next(iter(arrays.values())).shape[:2]
+        if not 0 < num_support <= num_points:
+            raise ValueError(f"num_support must be in [1, {num_points}] (points per task), "
+                             f"got {num_support}")
+        support = {key: value[:, :num_support] for key, value in arrays.items()}
+        query = ({key: value[:, num_support:] for key, value in arrays.items()}
+                 if num_support < num_points else None)
+        return cls(support=support, query=query,
+                   task_labels=[f"task{j}" for j in range(num_tasks)], truth=truth)
+
 
 def _is_array(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
