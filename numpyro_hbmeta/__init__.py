@@ -15,7 +15,7 @@ from numpyro_hbmeta.handler import MetaMarginal, meta_marginal
 from numpyro_hbmeta.implicit_prior import implicit_prior
 from numpyro_hbmeta.inference_data import to_inference_data
 from numpyro_hbmeta.inner import InnerInfo, Newton, TruncatedGD
-from numpyro_hbmeta.layers import dense_layer
+from numpyro_hbmeta.layers import conv2d_layer, dense_layer
 from numpyro_hbmeta.plate import tasks
 from numpyro_hbmeta.results import FitResult
 
@@ -34,6 +34,7 @@ __all__ = [
     "TruncatedGD",
     "baselines",
     "compare",
+    "conv2d_layer",
     "dense_layer",
     "implicit_prior",
     "meta_marginal",

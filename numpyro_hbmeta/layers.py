@@ -1,4 +1,4 @@
-"""``dense_layer``: a dense layer a NumPyro model declares, so K-FAC can see its structure.
+"""``dense_layer`` and ``conv2d_layer``: layers a NumPyro model declares, so K-FAC can see them.
 
 K-FAC (Martens & Grosse 2015, §3; LLAMA, Grant et al., ICLR 2018, §4) needs, per dense layer
 and per point, the layer's input a_n and the gradient g_n of the (sampled-target) loss w.r.t.
@@ -24,18 +24,20 @@ Conventions: data are task-major, so a layer whose weights are task parameters t
 ``x: (tasks, ..., d_in)``, ``w: (tasks, d_in, d_out)``, ``b: (tasks, d_out)`` and returns
 ``(tasks, ..., d_out)``; a layer with shared (global) weights takes ``w: (d_in, d_out)``,
 ``b: (d_out,)``. Call it on the task-batched arrays, not inside ``jax.vmap`` over tasks: a
-handler's offset must have a task axis to give per-task gradients.
+handler's offset must have a task axis to give per-task gradients. A convolution is declared
+with :func:`conv2d_layer`, a dense layer on image patches (K-FAC's convolution factors, KFC).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
 
-__all__ = ["LAYER", "dense_layer", "layer_offsets"]
+__all__ = ["LAYER", "conv2d_layer", "dense_layer", "image_patches", "layer_offsets"]
 
 LAYER = "hbm_dense_layer"
 """The message type of :func:`dense_layer`."""
@@ -105,6 +107,77 @@ def dense_layer(name: str, x: jnp.ndarray, w: jnp.ndarray,
     }
     msg = apply_stack(msg)
     return y + msg["value"]
+
+
+def image_patches(x: jnp.ndarray, kernel: tuple[int, int], *, stride: int | Sequence[int] = 1,
+                  padding: str | Sequence[tuple[int, int]] = "SAME") -> jnp.ndarray:
+    """The k_h × k_w patches a 2-D convolution reads, one per output location.
+
+    Args:
+        x: NHWC images, (..., H, W, c_in); leading axes are kept.
+        kernel: (k_h, k_w).
+        stride: an int or (s_h, s_w).
+        padding: ``"SAME"``, ``"VALID"`` or explicit ((lo, hi), (lo, hi)).
+
+    Returns:
+        (..., H', W', c_in · k_h · k_w), features ordered (c_in, k_h, k_w) as
+        ``jax.lax.conv_general_dilated_patches`` orders them.
+    """
+    strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    batch = x.shape[:-3]
+    flat = x.reshape((-1, *x.shape[-3:]))
+    patches = jax.lax.conv_general_dilated_patches(
+        flat, tuple(kernel), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return patches.reshape((*batch, *patches.shape[1:]))
+
+
+def conv2d_layer(name: str, x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None, *,
+                 stride: int | Sequence[int] = 1,
+                 padding: str | Sequence[tuple[int, int]] = "SAME") -> jnp.ndarray:
+    """A 2-D convolution a handler can see, as a :func:`dense_layer` on image patches.
+
+    y[.., i, j, o] = Σ_{u,v,c} x[.., s_h i + u, s_w j + v, c] w[u, v, c, o] + b[o], the
+    cross-correlation of :func:`numpyro_hbmeta.nn.conv2d`, computed as
+    ``dense_layer(name, patches, W, b)`` with the patches of :func:`image_patches` as the
+    layer input and W the kernel reordered to (c_in · k_h · k_w, c_out). Every output
+    location of every image is then a "point" of the dense layer, so ``curvature="kfac"``
+    gets Grosse & Martens' (ICML 2016, "KFC", §3) factors: with T locations per image,
+
+        A = (1/(nT)) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ,    G = Σ_{n,t} g_{n,t} g_{n,t}ᵀ,
+
+    which is their Ω ⊗ Γ under spatially uncorrelated derivatives (SUD): cross-location
+    terms Σ_{t≠t'} (ā_t ⊗ g_t)(ā_t' ⊗ g_t')ᵀ of the Fisher are dropped.
+
+    Args:
+        name: the layer's name, unique within the model.
+        x: images, (tasks, ..., H, W, c_in) for task-batched weights, (..., H, W, c_in) for
+            shared ones.
+        w: kernel, (tasks, k_h, k_w, c_in, c_out) or (k_h, k_w, c_in, c_out).
+        b: optional bias, (tasks, c_out) or (c_out,).
+        stride: an int or (s_h, s_w).
+        padding: ``"SAME"``, ``"VALID"`` or explicit ((lo, hi), (lo, hi)).
+
+    Returns:
+        Feature maps, (tasks, ..., H', W', c_out) (or (..., H', W', c_out)).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> x, w = jnp.ones((2, 3, 5, 5, 1)), jnp.ones((2, 3, 3, 1, 4))
+        >>> conv2d_layer("conv", x, w, padding="VALID").shape
+        (2, 3, 3, 3, 4)
+    """
+    w = jnp.asarray(w)
+    if w.ndim not in (4, 5):
+        raise ValueError(f"conv2d_layer {name!r}: expected a kernel (k_h, k_w, c_in, c_out) or "
+                         f"task-batched (tasks, k_h, k_w, c_in, c_out), got {w.shape}")
+    k_h, k_w, c_in, c_out = w.shape[-4:]
+    x = jnp.asarray(x)
+    if x.ndim < 3 + (w.ndim == 5) or x.shape[-1] != c_in:
+        raise ValueError(f"conv2d_layer {name!r}: expected images (..., H, W, {c_in}) for a "
+                         f"kernel {w.shape}, got {x.shape}")
+    patches = image_patches(x, (k_h, k_w), stride=stride, padding=padding)
+    matrix = jnp.moveaxis(w, -2, -4).reshape((*w.shape[:-4], c_in * k_h * k_w, c_out))
+    return dense_layer(name, patches, matrix, b)
 
 
 class layer_offsets(Messenger):  # noqa: N801 - a handler, named like numpyro's
