@@ -105,6 +105,9 @@ class MetaEB:
         self.optimizer = optax.with_extra_args_support(
             optax.adam(1e-2) if optimizer is None else optimizer)
         self.hyperprior = hyperprior
+        # One compiled Laplace-Gaussian per driver: task_posterior, sample_posterior and
+        # to_inference_data all call it, and a fresh jax.jit each call would recompile.
+        self._laplace_gaussian_jit = jax.jit(self._laplace_gaussian)
 
     # -- the objective --------------------------------------------------------------------
     def _trace(self, unconstrained, support, query):
@@ -309,7 +312,7 @@ class MetaEB:
         support negative log-likelihood at φ̂_j (Grant et al. 2018, §3.2 and §4).
         """
         context = context_at(self.model, params, support)
-        phi_hat, precision = jax.jit(self._laplace_gaussian)(dict(params), support)
+        phi_hat, precision = self._laplace_gaussian_jit(dict(params), support)
         # HVP-built Hessians are symmetric only up to roundoff.
         precision = 0.5 * (precision + jnp.swapaxes(precision, -1, -2))
         eig = np.asarray(jnp.linalg.eigvalsh(precision)[:, 0])
