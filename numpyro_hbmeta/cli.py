@@ -80,15 +80,20 @@ def _compare(args: argparse.Namespace, models) -> int:
         print(f"== {name}", flush=True)
         results.append(run_method(name, zoo, data, key, small=args.small,
                                   progress_bar=not args.no_progress))
-    exact = zoo.exact_type2_ml(data.all_data()) if hasattr(zoo, "exact_type2_ml") else None
-    header, rows = global_table(results, zoo.GLOBALS, truth=data.truth, exact=exact)
-    table = markdown_table(header, rows)
-    print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = _outputs(results, zoo, data, out)
+    caption, extra = None, []
+    if hasattr(zoo, "compare_report"):  # a model whose globals table says nothing (sinusoid)
+        caption, table, extra = zoo.compare_report(results, data, out)
+    else:
+        exact = zoo.exact_type2_ml(data.all_data()) if hasattr(zoo, "exact_type2_ml") else None
+        header, rows = global_table(results, zoo.GLOBALS, truth=data.truth, exact=exact)
+        table = markdown_table(header, rows)
+    print(table)
+    sections = _outputs(results, zoo, data, out) + extra
     total = time.perf_counter() - start
-    (out / "report.md").write_text(_report(args, zoo, data, results, table, total, sections))
+    (out / "report.md").write_text(_report(args, zoo, data, results, table, total, sections,
+                                           caption))
     print(f"\nwrote {out / 'report.md'} ({total:.1f} s in all)")
     return 0
 
@@ -103,7 +108,9 @@ def _outputs(results, zoo, data, out) -> list[str]:
     from numpyro_hbmeta.inference_data import to_inference_data
 
     lines = []
-    for result in results:
+    # Results without task draws (FIT["task_draws"] = False) have no task posterior to export.
+    exported = [r for r in results if set(zoo.TASK_SITES) <= set(r.samples)]
+    for result in exported:
         idata = to_inference_data(result, task_labels=data.task_labels)
         idata.to_netcdf(out / f"{result.method}.nc")
         if "diverging" in result.sample_stats:
@@ -112,8 +119,10 @@ def _outputs(results, zoo, data, out) -> list[str]:
                       f"{result.info.get('divergences', 0)} divergences; R-hat and bulk ESS:",
                       "", summary[["r_hat", "ess_bulk"]].to_markdown()
                       if _has_tabulate() else "```\n" + summary.to_string() + "\n```"]
-    lines += ["", "InferenceData (netCDF): " + ", ".join(f"`{r.method}.nc`" for r in results)]
-    for site in zoo.TASK_SITES[:1]:
+    if exported:
+        lines += ["", "InferenceData (netCDF): " + ", ".join(f"`{r.method}.nc`"
+                                                          for r in exported)]
+    for site in [s for s in zoo.TASK_SITES[:1] if all(s in r.samples for r in results)]:
         figure = plots.forest(results, site, task_labels=data.task_labels)
         path = plots.save(figure, out / f"forest_{site}.png")
         lines += ["", f"Task effects `{site}` by method (50% and 90% intervals):", "",
@@ -141,7 +150,7 @@ def _implicit_prior_figure(results, zoo, data, out) -> list[str]:
     from numpyro_hbmeta.methods import settings
 
     maml = next((r for r in results if r.method == "maml"), None)
-    if maml is None:
+    if maml is None or not set(zoo.TASK_SITES) <= set(maml.samples):  # no task draws
         return []
     params = {k: np.asarray(v)[0, 0] for k, v in maml.samples.items() if k in maml.point_sites}
     s = settings(zoo, small=False)
@@ -164,7 +173,8 @@ def _has_tabulate() -> bool:
     return importlib.util.find_spec("tabulate") is not None
 
 
-def _report(args, zoo, data, results, table: str, total: float, sections: list[str]) -> str:
+def _report(args, zoo, data, results, table: str, total: float, sections: list[str],
+            caption: str | None = None) -> str:
     num_tasks = len(data.task_labels) if data.task_labels else "?"
     lines = [
         f"# hbmeta compare {args.model}",
@@ -174,7 +184,8 @@ def _report(args, zoo, data, results, table: str, total: float, sections: list[s
         "",
         "Global estimates. Empirical-Bayes methods give point estimates (type-II maximum "
         "likelihood); NUTS gives the posterior mean ± sd. 'exact EB' maximises the "
-        "closed-form evidence." if hasattr(zoo, "exact_type2_ml") else "Global estimates.",
+        "closed-form evidence." if hasattr(zoo, "exact_type2_ml")
+        else caption or "Global estimates.",
         "",
         table,
         "",

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from numpyro_hbmeta.cli import main
@@ -61,3 +62,28 @@ def test_compare_every_zoo_model_small(tmp_path, model, capsys):
         assert "tau at the boundary 0" in report
     if model == "logistic":
         assert "Laplace is approximate" in report
+
+
+@pytest.mark.slow
+def test_compare_sinusoid_small_reports_heldout_predictives(tmp_path, capsys):
+    """The sinusoid's 1761 globals are not tabulated: held-out predictive metrics are, for
+    the methods that make sense (maml, llama); the others are refused clearly."""
+    assert main(["compare", "sinusoid", "--methods", "maml,nuts", "--out", str(tmp_path)]) == 2
+    assert "not ['nuts']" in capsys.readouterr().err
+    assert main(["compare", "sinusoid", "--small", "--no-progress", "--methods", "maml,llama",
+                 "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Held-out predictive" in report and "theta[" not in report
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:-1]
+            for line in report.splitlines()
+            if line.startswith(("| maml", "| llama")) and line.count("|") == 8}  # 7 columns
+    assert set(rows) == {("maml", "plug-in at φ̂ (no adaptation)"), ("maml", "plug-in at φ̂"),
+                         ("llama", "linearised Laplace, K-FAC")}
+    for cells in rows.values():
+        assert all(np.isfinite(float(c)) for c in cells)
+    adapted, unadapted = (float(rows["maml", k][0]) for k in
+                          ("plug-in at φ̂", "plug-in at φ̂ (no adaptation)"))
+    assert adapted < unadapted  # the inner loop helps on new tasks
+    assert float(rows["llama", "linearised Laplace, K-FAC"][4]) > 0.5  # sd beyond σ
+    assert (tmp_path / "functions.png").stat().st_size > 10_000
+    assert not list(tmp_path.glob("*.nc"))  # no task draws of 1761 weights to export

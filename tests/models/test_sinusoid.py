@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import scipy.stats
 from numpyro import handlers
 
 import numpyro_hbmeta as hbm
-from numpyro_hbmeta import nn
+from numpyro_hbmeta import curvature, nn
 from numpyro_hbmeta.curvature import GGN
 from numpyro_hbmeta.implicit_prior import context_at
 from numpyro_hbmeta.kfac import unvec_mlp
@@ -110,7 +111,7 @@ def hand_predictive(params, support, query, *, num_steps, step_size, damping):
                 lambda p: jnp.sum((f(p, xs) - ys) ** 2) / (2 * sigma**2))(phi)
         return phi, f(phi, xq), jax.jacrev(f)(phi, xs), jax.jacrev(f)(phi, xq)
 
-    out = {"plug-in": [], "laplace": []}
+    out = {"plug-in": [], "laplace": [], "laplace pointwise": []}
     for j in range(support["x"].shape[0]):
         xs, ys, xq, yq = support["x"][j], support["y"][j], query["x"][j], query["y"][j]
         phi, mean, js, jq = (np.asarray(v) for v in adapt(params["theta"], xs, ys, xq))
@@ -118,6 +119,8 @@ def hand_predictive(params, support, query, *, num_steps, step_size, damping):
         precision = js.T @ js / sigma**2 + damping * np.eye(phi.shape[0])
         cov = sigma**2 * np.eye(len(yq)) + jq @ np.linalg.solve(precision, jq.T)
         out["laplace"].append(scipy.stats.multivariate_normal(mean, cov).logpdf(np.asarray(yq)))
+        out["laplace pointwise"].append(
+            scipy.stats.norm(mean, np.sqrt(np.diag(cov))).logpdf(np.asarray(yq)))
     return {k: np.array(v) for k, v in out.items()}
 
 
@@ -134,3 +137,88 @@ def test_predictive_log_lik_matches_a_dense_hand_computation(x64):
     np.testing.assert_allclose(maml, expected["plug-in"], rtol=1e-9)
     np.testing.assert_allclose(llama, expected["laplace"], rtol=1e-9)
     assert not np.allclose(maml, llama)  # the posterior spread enters
+    # The per-point marginals the experiment reports are those of the same Gaussian.
+    predictive = sinusoid.laplace_predictive(params, data.support, data.query["x"], inner=inner,
+                                             curvature=GGN(damping=damping))
+    np.testing.assert_allclose(predictive.pointwise_log_lik(data.query["y"]),
+                               expected["laplace pointwise"], rtol=1e-9)
+
+
+def test_diag_ggn_is_the_hessian_diagonal_of_a_relu_net(x64):
+    # f is piecewise linear in each single weight of a ReLU net, so the Hessian diagonal of
+    # the squared loss is the GGN diagonal (away from kinks, which random inputs avoid).
+    net = sinusoid.SinusoidNet((1, 6, 5, 1))
+    data = sinusoid.simulate(jax.random.PRNGKey(6), num_tasks=3, shots=4, num_query=2)
+    params = net.init_params(jax.random.PRNGKey(7))
+    marginal = hbm.meta_marginal(net.model, inner=hbm.TruncatedGD(1, 0.01), objective="maml")
+    context = context_at(net.model, params, data.support)
+    loss = marginal.inner_loss(context, data.support)
+    phi = context.phi0 + 0.3 * jax.random.normal(jax.random.PRNGKey(8), context.phi0.shape)
+    damping = 0.7
+    got = sinusoid.DiagGGN(damping=damping)(loss, phi, context.observations(net.model,
+                                                                            data.support))
+    exact = curvature.diag(loss, phi)
+    np.testing.assert_allclose(got.diagonal, exact.diagonal + damping, rtol=1e-9, atol=1e-9)
+    assert float(jnp.min(exact.diagonal)) >= 0.0
+
+
+def linear_posterior(theta, tau, noise, x, y, x_new):
+    """Closed-form posterior predictive of f(x) = w x + b with (w, b) ~ N(θ, τ²I)."""
+    design = np.stack([x, np.ones_like(x)], -1)  # (points, 2)
+    precision = np.eye(2) / tau**2 + design.T @ design / noise**2
+    cov = np.linalg.inv(precision)
+    mean = cov @ (theta / tau**2 + design.T @ y / noise**2)
+    new = np.stack([x_new, np.ones_like(x_new)], -1)
+    return new @ mean, np.sqrt(np.einsum("ni,ij,nj->n", new, cov, new))
+
+
+@pytest.mark.slow
+def test_nuts_and_laplace_on_a_linear_net_match_the_closed_form(x64):
+    # A 1-1 "network" is linear in its weights: the task posterior and its predictive are
+    # Gaussian in closed form. The Laplace predictive (exact MAP by Newton, exact GGN = the
+    # Hessian, damping 1/τ² = the prior) equals it to roundoff; NUTS matches it within Monte
+    # Carlo error: 5 standard errors, using the draws' effective sample size.
+    tau = 0.8
+    net = sinusoid.SinusoidNet((1, 1), tau=tau)
+    data = sinusoid.simulate(jax.random.PRNGKey(9), num_tasks=3, shots=4, num_query=6,
+                             noise=net.noise)
+    theta = jnp.array([0.5, -0.3])
+    x_new = data.query["x"]
+    expected = [linear_posterior(np.asarray(theta), tau, net.noise,
+                                 np.asarray(data.support["x"][j, :, 0]),
+                                 np.asarray(data.support["y"][j]), np.asarray(x_new[j, :, 0]))
+                for j in range(3)]
+    mean = np.stack([e[0] for e in expected])
+    sd = np.stack([e[1] for e in expected])
+
+    laplace = sinusoid.laplace_predictive({"theta": theta}, data.support, x_new,
+                                          inner=hbm.Newton(), curvature=GGN(damping=tau**-2),
+                                          net=net)
+    np.testing.assert_allclose(laplace.mean, mean, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(laplace.function_sd, sd, rtol=1e-8)
+
+    reference = sinusoid.nuts_task_posterior(net, theta, data.support, jax.random.PRNGKey(10),
+                                             num_warmup=500, num_samples=1500, num_chains=2)
+    assert reference.divergences == 0 and reference.max_r_hat < 1.02
+    nuts = sinusoid.nuts_predictive(net, reference.phi, x_new)
+    ess = reference.min_ess
+    np.testing.assert_array_less(np.abs(nuts.mean - mean), 5 * sd / np.sqrt(ess))
+    np.testing.assert_array_less(np.abs(nuts.function_sd / sd - 1), 5 / np.sqrt(2 * ess))
+    # The mixture predictive of y against N(mean, sd² + σ²): log density and 90% interval,
+    # at y typical of that predictive (far in its tails a Monte Carlo mixture density has a
+    # large relative error, and a sinusoid's query points are far from a line's predictive).
+    y_sd = np.sqrt(sd**2 + net.noise**2)
+    y = mean + y_sd * np.random.default_rng(0).standard_normal(mean.shape)
+    exact_lpd = scipy.stats.norm(mean, y_sd).logpdf(y)
+    # Tolerance: the 5-standard-error bounds on the mean (Δμ) and on the variance
+    # (Δv = 2 sd Δsd) propagated through log N(y; μ, v) to first order, plus 0.005.
+    var = y_sd**2
+    d_mean, d_var = 5 * sd / np.sqrt(ess), 2 * sd * 5 * sd / np.sqrt(2 * ess)
+    tol = (np.abs(y - mean) / var * d_mean
+           + 0.5 * np.abs((y - mean) ** 2 / var**2 - 1 / var) * d_var + 0.005)
+    np.testing.assert_array_less(np.abs(nuts.pointwise_log_lik(y) - exact_lpd), tol)
+    low, high = nuts.interval(0.9)
+    z = scipy.stats.norm.ppf(0.95)
+    bound = d_mean + z * d_var / (2 * y_sd) + 0.005  # the same bounds on μ ± z·√v
+    np.testing.assert_array_less(np.abs(low - (mean - z * y_sd)), bound)
+    np.testing.assert_array_less(np.abs(high - (mean + z * y_sd)), bound)
