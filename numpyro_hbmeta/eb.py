@@ -222,9 +222,10 @@ class MetaEB:
             warnings.warn(
                 f"MetaEB: the estimate of {', '.join(boundary)} is at its boundary 0 (the "
                 "objective does not decrease when it is shrunk 1000-fold): empirical Bayes "
-                "collapses the hierarchy there. Remedies: hyperprior=True (MAP-II with a prior "
-                "that keeps the scale off 0), or full Bayes over the globals with NUTS on "
-                "meta_marginal(...).", stacklevel=2)
+                "collapses the hierarchy there. Remedies: hyperprior=True (MAP-II) with a prior "
+                "on the scale whose density vanishes at 0, e.g. Gamma(2, rate) (Chung et al. "
+                "2013; a HalfNormal or HalfCauchy prior does not move the mode off 0), or "
+                "full Bayes over the globals with NUTS on meta_marginal(...).", stacklevel=2)
         return MetaEBResult(params, jnp.asarray(losses), state, inactive, boundary)
 
     def boundary_sites(self, params: Mapping[str, Any], support, query=None
