@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ZOO: tuple[str, ...] = ("linear", "logistic", "eight_schools", "radon", "sinusoid")
+ZOO: tuple[str, ...] = ("linear", "logistic", "eight_schools", "radon", "sinusoid", "fewshot")
 
 
 def get_model(name: str) -> ModuleType:

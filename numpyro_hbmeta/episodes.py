@@ -50,6 +50,7 @@ __all__ = [
     "EpisodeDataset",
     "load_image_folder",
     "make_synthetic_omniglot",
+    "merge_datasets",
     "resize_area",
     "sample_episode",
     "sample_episodes",
@@ -258,6 +259,32 @@ def load_image_folder(root: str | os.PathLike, *, image_size: tuple[int, int] = 
                 with sources[path]() as file:
                     images[row, column] = resize_area(_decode_png(file, invert), image_size)
     return EpisodeDataset(jnp.asarray(images), tuple(groups), 4 if rotations else 1)
+
+
+def merge_datasets(datasets: Iterable[EpisodeDataset]) -> EpisodeDataset:
+    """Join datasets by character, keeping a character that appears in several only once.
+
+    Omniglot's two "small" background sets share the Greek and Latin alphabets (identical
+    images); the first occurrence of each ``"alphabet/character"`` is kept. Characters are
+    sorted by name, as :func:`load_image_folder` does.
+
+    Raises:
+        ValueError: no datasets, or they differ in image shape, drawer count or rotations.
+    """
+    datasets = list(datasets)
+    if not datasets:
+        raise ValueError("merge_datasets: no datasets given")
+    shapes = {tuple(d.images.shape[1:]) for d in datasets}
+    rotations = {d.num_rotations for d in datasets}
+    if len(shapes) > 1 or len(rotations) > 1:
+        raise ValueError(f"merge_datasets: datasets differ in (drawers, H, W) {sorted(shapes)} "
+                         f"or rotations {sorted(rotations)}")
+    rows: dict[str, jnp.ndarray] = {}
+    for data in datasets:
+        for name, images in zip(data.characters, data.images, strict=True):
+            rows.setdefault(name, images)
+    names = tuple(sorted(rows))
+    return EpisodeDataset(jnp.stack([rows[n] for n in names]), names, rotations.pop())
 
 
 def train_test_split(dataset: EpisodeDataset, *, num_train: int | None = None,
