@@ -136,7 +136,7 @@ def make_model(n_way: int = N_WAY, *, image_size: int = IMAGE_SIZE,
     The returned ``model(x, y=None)`` takes x: (tasks, points, image_size²) and y: (tasks,
     points) integer labels in 0..n_way−1. It carries ``model.sizes`` and ``model.n_way``.
 
-    Example:
+    Examples:
         >>> model = make_model(5)
         >>> model.sizes, num_params(5)
         ((196, 128, 64, 5), 33797)
@@ -338,7 +338,9 @@ def meta_train(driver: MetaEB, rng_key, dataset: ep.EpisodeDataset, num_steps: i
         rng_key: PRNG key (initialisation and episodes).
         dataset: training classes.
         num_steps: meta-iterations.
-        n_way, k_shot, k_query: the episode shape.
+        n_way: classes per episode.
+        k_shot: support images per class.
+        k_query: query images per class.
         tasks_per_batch: episodes per meta-iteration.
         init_params: constrained start (default :func:`init_params`).
         eval_tasks: optional fixed (support, query) episodes scored every ``eval_every`` steps

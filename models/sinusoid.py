@@ -166,7 +166,7 @@ def simulate(rng_key, *, num_tasks: int, shots: int, num_query: int,
     model's own likelihood when ``noise = NOISE``); the noise-free values are
     :func:`true_function` of ``truth``. The default 0 is MAML's noise-free benchmark.
 
-    Example:
+    Examples:
         >>> data = simulate(jax.random.PRNGKey(0), num_tasks=3, shots=5, num_query=7)
         >>> data.support["x"].shape, data.query["y"].shape
         ((3, 5, 1), (3, 7))
@@ -347,7 +347,8 @@ def laplace_predictive(params, support, x, *, inner, curvature=None, net: Sinuso
         inner: the inner solver that gives φ̂ (``TruncatedGD``).
         curvature: ``None`` or a curvature builder.
         net: the network (default the zoo's 1-40-40-1).
-        rng_key, num_samples: for the function draws.
+        rng_key: key of the function draws.
+        num_samples: number of function draws.
     """
     marginal = meta_marginal(net.model, inner=inner, objective="maml")
     context = context_at(net.model, params, support)

@@ -17,7 +17,7 @@ mean is above 1/2 are inverted unless ``invert`` says otherwise) and resized by 
 Sampling is pure JAX (:func:`sample_episode`): deterministic for a key, ``jit``- and
 ``vmap``-safe; the dataset is a pytree whose only array is the image stack.
 
-Example:
+Examples:
     >>> import jax, tempfile, pathlib
     >>> path = make_synthetic_omniglot(pathlib.Path(tempfile.mkdtemp()) / "toy.zip")
     >>> data = load_image_folder(path)
@@ -426,7 +426,9 @@ def make_synthetic_omniglot(path: str | os.PathLike, *, alphabets: int = 2, char
 
     Args:
         path: the zip to write (its stem names the top folder).
-        alphabets, characters, drawers: counts (characters per alphabet).
+        alphabets: number of alphabets.
+        characters: characters per alphabet.
+        drawers: drawings of each character.
         size: image side in pixels.
         strokes: line segments per character.
         seed: seed of ``numpy.random.default_rng``.

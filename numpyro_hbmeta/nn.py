@@ -64,7 +64,7 @@ def dense(params: Params, x: jnp.ndarray) -> jnp.ndarray:
     Returns:
         Outputs, shape (..., d_out).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> dense({"w": jnp.ones((2, 1)), "b": jnp.array([0.5])}, jnp.array([1.0, 2.0]))
         Array([3.5], dtype=float32)
@@ -186,7 +186,7 @@ def mlp(params: Params, x: jnp.ndarray, *, activation: Activation = jax.nn.relu)
     Returns:
         Outputs, shape (..., d_L).
 
-    Example:
+    Examples:
         >>> import jax
         >>> params = init_mlp(jax.random.PRNGKey(0), (1, 40, 40, 1))
         >>> mlp(params, jax.numpy.zeros((10, 1))).shape
@@ -276,7 +276,7 @@ def init_mlp(rng_key: jax.Array, sizes: Sequence[int], *, dtype=None) -> Params:
 
     Compiled once per (sizes, dtype), so repeated initialisation is cheap.
 
-    Example:
+    Examples:
         >>> import jax
         >>> param_shapes(init_mlp(jax.random.PRNGKey(0), (1, 40, 40, 1)))["dense_1"]
         {'b': (40,), 'w': (40, 40)}
@@ -365,7 +365,7 @@ def _init_conv4(rng_key: jax.Array, n_way: int, feature_pixels: int, channels: i
 def param_shapes(params: Any) -> Any:
     """The pytree of parameter shapes (works on arrays and on ``jax.eval_shape`` results).
 
-    Example:
+    Examples:
         >>> import jax
         >>> shapes = jax.eval_shape(lambda k: init_mlp(k, (1, 40, 1)), jax.random.PRNGKey(0))
         >>> param_shapes(shapes)["dense_0"]
