@@ -355,8 +355,10 @@ def main(argv: Sequence[str] | None = None) -> str:
             reference, nuts[shots] = nuts_reference(
                 args, setting, fits[reference_method]["params"]["theta"], key_nuts)
             diagnostics = (f"{reference.divergences} divergences, max R-hat "
-                           f"{reference.max_r_hat:.3f}, min ESS {reference.min_ess:.0f}, "
-                           f"{reference.wall_time:.0f} s")
+                           f"{reference.max_r_hat:.3f}, min ESS {reference.min_ess:.0f}"
+                           + (f" ({reference.undefined_ess} weights with undefined ESS)"
+                              if reference.undefined_ess else "")
+                           + f", {reference.wall_time:.0f} s")
             nuts_info[shots] = diagnostics + f" (at {reference_method}'s θ̂)"
             for method in args.methods:
                 m = metrics_row(setting, predictives[shots][method], first, q)

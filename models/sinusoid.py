@@ -416,8 +416,11 @@ class NutsReference(NamedTuple):
         phi: (draws, tasks, d), chains stacked.
         divergences: number of divergent transitions.
         max_r_hat: largest split R-hat over all task weights.
-        min_ess: smallest bulk effective sample size over all task weights.
+        min_ess: smallest bulk effective sample size over the task weights where it is
+            defined (positive).
         wall_time: seconds, compilation included.
+        undefined_ess: number of weights whose ESS estimate broke down (ArviZ returned a
+            non-positive or non-finite value, e.g. a weight the chains barely move).
     """
 
     phi: jnp.ndarray
@@ -425,6 +428,7 @@ class NutsReference(NamedTuple):
     max_r_hat: float
     min_ess: float
     wall_time: float
+    undefined_ess: int = 0
 
 
 def nuts_task_posterior(net: SinusoidNet, theta: jnp.ndarray, support, rng_key, *,
@@ -449,9 +453,12 @@ def nuts_task_posterior(net: SinusoidNet, theta: jnp.ndarray, support, rng_key, 
 
     dataset = az.convert_to_dataset({"phi": np.asarray(draws)})
     divergences = int(np.sum(mcmc.get_extra_fields()["diverging"]))
+    ess = np.asarray(az.ess(dataset)["phi"])
+    defined = np.isfinite(ess) & (ess > 0)
     return NutsReference(jnp.reshape(draws, (-1, *draws.shape[2:])), divergences,
                          float(az.rhat(dataset)["phi"].max()),
-                         float(az.ess(dataset)["phi"].min()), elapsed)
+                         float(ess[defined].min()) if defined.any() else float("nan"), elapsed,
+                         int(np.sum(~defined)))
 
 
 def nuts_predictive(net: SinusoidNet, phi_draws: jnp.ndarray, x: jnp.ndarray) -> Predictive:
