@@ -1,26 +1,15 @@
 """Smoke run of experiments/omniglot.py at a tiny size on synthetic images."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "omniglot.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("omniglot_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow  # two meta-training compiles (MAML, LLAMA): ~70 s on a loaded 2-core CPU
-def test_tiny_synthetic_run_writes_an_honest_report(tmp_path, monkeypatch):
+def test_tiny_synthetic_run_writes_an_honest_report(tmp_path, monkeypatch, experiment_script):
     monkeypatch.delenv("HBMETA_OMNIGLOT", raising=False)
-    experiment = load_script()
+    experiment = experiment_script("omniglot")
     out = tmp_path / "omniglot"
     with pytest.warns(UserWarning, match="SYNTHETIC"):
         results = experiment.main(["--small", "--meta-steps", "4", "--test-episodes", "12",
@@ -46,8 +35,8 @@ def test_tiny_synthetic_run_writes_an_honest_report(tmp_path, monkeypatch):
         assert 0 <= method["calibration"]["ece"] <= 1
 
 
-def test_calibration_of_a_perfectly_calibrated_predictor_is_zero():
-    experiment = load_script()
+def test_calibration_of_a_perfectly_calibrated_predictor_is_zero(experiment_script):
+    experiment = experiment_script("omniglot")
     # confidence 0.8 on 10 points, 8 of them right: ECE 0; entropy of (0.8, 0.2)
     probs = np.tile([0.8, 0.2], (10, 1))
     labels = np.array([0] * 8 + [1] * 2)

@@ -1,20 +1,9 @@
 """Smoke run of experiments/sinusoid.py at a tiny size: outputs exist, numbers are consistent."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "sinusoid.py"
-
-
-def load_experiment():
-    spec = importlib.util.spec_from_file_location("sinusoid_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def table(report: str, title: str) -> list[dict[str, str]]:
@@ -31,8 +20,8 @@ def table(report: str, title: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_a_consistent_report(tmp_path):
-    experiment = load_experiment()
+def test_tiny_run_writes_a_consistent_report(tmp_path, experiment_script):
+    experiment = experiment_script("sinusoid")
     experiment.main(["--out", str(tmp_path), "--shots", "5", "--methods", "maml,llama-kfac",
                      "--train-tasks", "10", "--meta-steps", "2", "--test-tasks", "3",
                      "--query-points", "4", "--nuts-tasks", "2", "--nuts-warmup", "10",
@@ -68,8 +57,8 @@ def test_tiny_run_writes_a_consistent_report(tmp_path):
     assert "divergences" in nuts[-1]["NUTS diagnostics"]
 
 
-def test_arguments_are_checked():
-    experiment = load_experiment()
+def test_arguments_are_checked(experiment_script):
+    experiment = experiment_script("sinusoid")
     args = experiment.parse_args(["--shots", "5,10"])
     assert args.shots == [5, 10] and args.train_tasks == experiment.SMALL["train_tasks"]
     assert experiment.parse_args(["--full"]).meta_steps == experiment.FULL["meta_steps"]
