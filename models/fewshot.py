@@ -17,9 +17,10 @@ filters, 28×28) did not finish compiling and 5 steps within 10 minutes. MAML's 
 reports a fully connected Omniglot learner ("MAML, no conv", Finn et al. 2017, Table 1), the
 fair published reference for this model. Every layer is a
 :func:`~numpyro_hbmeta.layers.dense_layer`, so ``curvature="kfac"`` (LLAMA) covers every task
-parameter. K-FAC for convolutions (Grosse & Martens 2016) is not implemented: a model whose
-task parameters sit in a convolution gets a clear ``ValueError`` from ``curvature="kfac"``
-("site ... is not in a declared dense layer"), never a silent fallback.
+parameter. A convolution would need :func:`~numpyro_hbmeta.layers.conv2d_layer` (K-FAC's
+convolution factors, Grosse & Martens 2016); one written with plain ``nn.conv2d`` gets a clear
+``ValueError`` from ``curvature="kfac"`` ("site ... is not in a declared dense layer"), never
+a silent fallback.
 
 Parametrisation: standard (``x @ w + b`` with w ~ N(0, 1/fan_in) at initialisation), so that
 MAML's published inner step sizes are comparable. The inner loop descends the *summed* support

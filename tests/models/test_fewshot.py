@@ -116,12 +116,19 @@ def test_short_maml_fit_adapts_on_synthetic_episodes(data):
     assert adapted.mean() > 0.5, adapted.mean()
 
 
-def test_llama_kfac_sees_every_layer_and_adds_a_finite_penalty(data):
+def small_setting(split, seed: int, num_tasks: int):
+    """A 5-way 1-shot model on SMALL_HIDDEN, ``num_tasks`` episodes of ``split`` with 2
+    queries per class, and θ from the prior (keys ``seed`` and ``seed + 1``)."""
     model = fewshot.make_model(5, hidden=SMALL_HIDDEN)
-    support, query = fewshot.sample_tasks(jax.random.PRNGKey(2), data.train, num_tasks=3,
+    support, query = fewshot.sample_tasks(jax.random.PRNGKey(seed), split, num_tasks=num_tasks,
                                           n_way=5, k_shot=1, k_query=2)
-    params = {"theta": fewshot.init_params(jax.random.PRNGKey(3), 5,
+    params = {"theta": fewshot.init_params(jax.random.PRNGKey(seed + 1), 5,
                                            hidden=SMALL_HIDDEN)["theta"]}
+    return model, support, query, params
+
+
+def test_llama_kfac_sees_every_layer_and_adds_a_finite_penalty(data):
+    model, support, query, params = small_setting(data.train, 2, num_tasks=3)
     inner = hbm.TruncatedGD(1, 0.4)
     losses = {}
     for objective, eta in (("maml", 1e-6), ("llama", 1e-6), ("llama", 1.0)):
@@ -135,8 +142,8 @@ def test_llama_kfac_sees_every_layer_and_adds_a_finite_penalty(data):
 
 
 def test_kfac_refuses_task_parameters_in_a_convolution():
-    # K-FAC for convolutions (Grosse & Martens 2016) is not implemented: a conv whose kernel
-    # is a task parameter must raise a clear error, not fall back silently.
+    # A convolution K-FAC cannot see (plain nn.conv2d, not conv2d_layer) whose kernel is a
+    # task parameter must raise a clear error, not fall back silently.
     def conv_model(x, y=None):
         theta = numpyro.sample("theta", dist.Normal(0, 1).expand([3 * 3 * 1 * 2]).to_event(1))
         head = numpyro.sample("head", dist.Normal(0, 1).expand([2 * 7 * 7 * 5]).to_event(1))
@@ -158,11 +165,7 @@ def test_kfac_refuses_task_parameters_in_a_convolution():
 
 
 def test_laplace_predictive_is_a_distribution_and_reduces_to_plug_in(data):
-    model = fewshot.make_model(5, hidden=SMALL_HIDDEN)
-    support, query = fewshot.sample_tasks(jax.random.PRNGKey(4), data.test, num_tasks=4,
-                                          n_way=5, k_shot=1, k_query=2)
-    params = {"theta": fewshot.init_params(jax.random.PRNGKey(5), 5,
-                                           hidden=SMALL_HIDDEN)["theta"]}
+    model, support, query, params = small_setting(data.test, 4, num_tasks=4)
     evaluator = fewshot.Evaluator(model, hbm.TruncatedGD(1, 0.4))
     plug_in = evaluator.probabilities(params, support, query)
     spread = evaluator.probabilities(params, support, query, curvature=hbm.KFAC(damping=1.0),
