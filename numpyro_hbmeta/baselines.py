@@ -155,19 +155,30 @@ def run_svi(model: Callable, data: Mapping[str, Any], rng_key, *, guide: str = "
 def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: str,
            inner: TruncatedGD | Newton, query: Mapping[str, Any] | None = None,
            num_steps: int = 2000, optimizer=None, num_samples: int = 1000,
-           curvature: str = "full", progress_bar: bool = True) -> FitResult:
+           curvature: str = "full", eta: float = 1e-6,
+           init_params: Mapping[str, Any] | None = None, task_draws: bool = True,
+           progress_bar: bool = True) -> FitResult:
     """MetaEB point estimates of the globals and task draws from the Laplace task posterior
-    at them (under MAML's implicit prior for ``prior="implicit"``)."""
+    at them (under MAML's implicit prior for ``prior="implicit"``).
+
+    With ``task_draws=False`` only the globals are returned (no task posterior, no inner
+    diagnostics): for models whose dense task posterior is too large to form, e.g. the
+    sinusoid's 1761² per task.
+    """
     driver = MetaEB(model, inner=inner, objective=objective, curvature=curvature,
-                    optimizer=optimizer)
+                    optimizer=optimizer, eta=eta)
     key_fit, key_draws = jax.random.split(rng_key)
     start = time.perf_counter()
-    fit = driver.run(key_fit, num_steps, support, query, progress_bar=progress_bar)
-    draws = driver.sample_posterior(key_draws, fit.params, support, num_samples)
-    jax.block_until_ready(draws)
+    fit = driver.run(key_fit, num_steps, support, query, progress_bar=progress_bar,
+                     init_params=init_params)
+    if task_draws:
+        draws = driver.sample_posterior(key_draws, fit.params, support, num_samples)
+        jax.block_until_ready(draws)
+        samples = {k: np.asarray(v)[None] for k, v in draws.items()}
+    else:
+        samples = {k: np.asarray(v)[None, None] for k, v in fit.params.items()}
     elapsed = time.perf_counter() - start
-    diagnostics = _eb_diagnostics(driver, fit.params, support)
-    samples = {k: np.asarray(v)[None] for k, v in draws.items()}
+    diagnostics = _eb_diagnostics(driver, fit.params, support) if task_draws else {}
     return FitResult(objective, model, dict(support), samples, point_sites=tuple(fit.params),
                      task_diagnostics=diagnostics, wall_time=elapsed,
                      info={"final_loss": float(fit.losses[-1]), "num_steps": num_steps,

@@ -9,18 +9,15 @@ support set and score the query set, as in meta-learning.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
 from numpyro_hbmeta import baselines
 from numpyro_hbmeta.data import TaskData
-from numpyro_hbmeta.eb import MetaEB
 from numpyro_hbmeta.inner import Newton, TruncatedGD
 from numpyro_hbmeta.results import FitResult
 
@@ -54,13 +51,15 @@ def _eb(objective: str) -> Callable[..., FitResult]:
                 raise ValueError(f"{objective} scores a query set, and {zoo.__name__} has none")
             inner = TruncatedGD(s["maml_steps"], s["maml_step_size"])
             support, query = data.support, data.query
-        if not s.get("task_draws", True):
-            return _eb_globals_only(zoo, objective, inner, support, query, rng_key, s,
-                                    progress_bar)
+        init = None
+        if hasattr(zoo, "init_params"):  # the model's own start (LeCun for the networks)
+            key_init, rng_key = jax.random.split(rng_key)
+            init = zoo.init_params(key_init)
         result = baselines.run_eb(
             zoo.model, support, rng_key, objective=objective, inner=inner, query=query,
             num_steps=s["eb_steps"], optimizer=optax.adam(s["eb_learning_rate"]),
             num_samples=s["num_samples"], curvature=s["llama_curvature"],
+            eta=s["llama_eta"], init_params=init, task_draws=s.get("task_draws", True),
             progress_bar=progress_bar)
         if objective == "laplace" and getattr(zoo, "LAPLACE_EXACT", False):
             return result._replace(approximate="point estimate of the globals (empirical "
@@ -69,25 +68,6 @@ def _eb(objective: str) -> Callable[..., FitResult]:
 
     run.__doc__ = f"MetaEB with objective={objective!r} on a zoo model."
     return run
-
-
-def _eb_globals_only(zoo, objective: str, inner, support, query, rng_key, s,
-                     progress_bar: bool) -> FitResult:
-    """MetaEB point estimates of the globals without Laplace task draws, for zoo models that
-    set ``FIT["task_draws"] = False`` (the sinusoid: a dense 1761² posterior per task)."""
-    driver = MetaEB(zoo.model, inner=inner, objective=objective,
-                    curvature=s["llama_curvature"], optimizer=optax.adam(s["eb_learning_rate"]),
-                    eta=s["llama_eta"])
-    key_init, key_fit = jax.random.split(rng_key)
-    init = zoo.init_params(key_init) if hasattr(zoo, "init_params") else None
-    start = time.perf_counter()
-    fit = driver.run(key_fit, s["eb_steps"], support, query, progress_bar=progress_bar,
-                     init_params=init)
-    samples = {k: np.asarray(v)[None, None] for k, v in fit.params.items()}
-    return FitResult(objective, zoo.model, dict(support), samples, point_sites=tuple(fit.params),
-                     wall_time=time.perf_counter() - start,
-                     info={"final_loss": float(fit.losses[-1]), "num_steps": s["eb_steps"]},
-                     approximate="point estimate of the globals (empirical Bayes)")
 
 
 def _nuts(zoo, data: TaskData, rng_key, *, small=False, progress_bar=True) -> FitResult:
