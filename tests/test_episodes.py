@@ -154,3 +154,16 @@ def test_real_omniglot_small1():
     assert len(data.characters) == 136 and data.num_drawers == 20 and data.num_classes == 544
     assert len(set(data.alphabets)) == 5
     assert 0.02 < float(data.images.mean()) < 0.2  # thin ink strokes
+
+
+def test_merge_datasets_keeps_each_character_once_and_checks_shapes(dataset):
+    first = episodes.EpisodeDataset(dataset.images[:6], dataset.characters[:6])
+    second = episodes.EpisodeDataset(dataset.images[4:][::-1], dataset.characters[4:][::-1])
+    merged = episodes.merge_datasets([first, second])
+    assert merged.characters == dataset.characters  # sorted, characters 4 and 5 once
+    np.testing.assert_array_equal(merged.images, dataset.images)
+    smaller = episodes.EpisodeDataset(dataset.images[:2, :4], dataset.characters[:2])
+    with pytest.raises(ValueError, match="differ in"):
+        episodes.merge_datasets([first, smaller])
+    with pytest.raises(ValueError, match="no datasets"):
+        episodes.merge_datasets([])

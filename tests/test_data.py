@@ -1,0 +1,25 @@
+"""TaskData.from_points: the support/query split of task-major arrays."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numpyro_hbmeta.data import TaskData
+
+
+def test_from_points_splits_every_array_along_the_points_axis():
+    x = jnp.arange(3 * 5 * 2.0).reshape(3, 5, 2)
+    y = jnp.arange(15.0).reshape(3, 5)
+    data = TaskData.from_points({"x": x, "y": y}, 2, truth={"tau": 1.0})
+    np.testing.assert_array_equal(data.support["x"], x[:, :2])
+    np.testing.assert_array_equal(data.query["y"], y[:, 2:])
+    np.testing.assert_array_equal(data.all_data()["x"], x)
+    assert data.task_labels == ["task0", "task1", "task2"] and data.truth == {"tau": 1.0}
+    assert TaskData.from_points({"y": y}, 5).query is None
+
+
+@pytest.mark.parametrize("num_support", [0, 6])
+def test_from_points_rejects_a_split_outside_the_points(num_support):
+    with pytest.raises(ValueError, match=r"num_support must be in \[1, 5\].*got " +
+                       str(num_support)):
+        TaskData.from_points({"y": jnp.zeros((3, 5))}, num_support)
