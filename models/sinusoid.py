@@ -46,6 +46,7 @@ from jax.scipy.stats import norm
 from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 
+from numpyro_hbmeta import linalg
 from numpyro_hbmeta.curvature import KFAC, DiagCurvature
 from numpyro_hbmeta.data import TaskData
 from numpyro_hbmeta.handler import meta_marginal
@@ -374,7 +375,7 @@ def laplace_predictive(params, support, x, *, inner, curvature=None, net: Sinuso
         cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
         # J δ with δ ~ N(0, Ĥ⁻¹) is N(0, J Ĥ⁻¹ Jᵀ): draw it from the points × points
         # covariance (its symmetric square root; rank-deficient when points > d is fine).
-        values, vectors = jnp.linalg.eigh(cov)
+        values, vectors = linalg.eigh(cov)
         root = vectors * jnp.sqrt(jnp.clip(values, 0.0))[..., None, :]
         z = jax.random.normal(rng_key, (num_samples, num_tasks, num_points), mean.dtype)
         draws = mean + jnp.einsum("tnk,stk->stn", root, z)

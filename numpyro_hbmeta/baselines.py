@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 
+from numpyro_hbmeta import linalg
 from numpyro_hbmeta.eb import MetaEB
 from numpyro_hbmeta.handler import meta_marginal
 from numpyro_hbmeta.implicit_prior import context_at
@@ -90,10 +91,9 @@ def _laplace_draws(model: Callable, data: Mapping[str, Any], globals_draws, rng_
 
     def one(params, key):
         phi_hat, precision = driver._laplace_gaussian(params, data)
-        chol = jnp.linalg.cholesky(precision)
+        inv = linalg.triangular_inverse(linalg.cholesky(precision))
         z = jax.random.normal(key, phi_hat.shape, phi_hat.dtype)
-        phi = phi_hat + jax.vmap(lambda c, v: jax.scipy.linalg.solve_triangular(
-            c.T, v, lower=False))(chol, z)
+        phi = phi_hat + jnp.einsum("tki,tk->ti", inv, z)  # L⁻ᵀ z ~ N(0, precision⁻¹)
         return context.constrained(phi)
 
     chains, draws = next(iter(globals_draws.values())).shape[:2]

@@ -33,8 +33,8 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
 
+from numpyro_hbmeta import linalg
 from numpyro_hbmeta.kfac import KFACCurvature, KroneckerFactor
 from numpyro_hbmeta.kfac import logdet as kfac_logdet
 
@@ -92,7 +92,10 @@ class FullCurvature(NamedTuple):
     matrix: jnp.ndarray
 
     def _cholesky(self) -> jnp.ndarray:
-        return jnp.linalg.cholesky(self.matrix)  # NaN where C_j is not positive definite
+        return linalg.cholesky(self.matrix)  # NaN where C_j is not positive definite
+
+    def _inverse_cholesky(self) -> jnp.ndarray:
+        return linalg.triangular_inverse(self._cholesky())  # L⁻¹, C⁻¹ = L⁻ᵀ L⁻¹
 
     def logdet(self) -> jnp.ndarray:
         """log det C_j, (tasks,); NaN where C_j is not positive definite."""
@@ -101,19 +104,19 @@ class FullCurvature(NamedTuple):
 
     def solve(self, v: jnp.ndarray) -> jnp.ndarray:
         """C_j⁻¹ v_j for v of shape (tasks, d)."""
-        return jax.scipy.linalg.cho_solve((self._cholesky(), True), v[..., None])[..., 0]
+        inv = self._inverse_cholesky()
+        return jnp.einsum("...ki,...kl,...l->...i", inv, inv, v)
 
     def sample(self, rng_key: jnp.ndarray, num_samples: int) -> jnp.ndarray:
         """Draws from N(0, C_j⁻¹), shape (num_samples, tasks, d)."""
-        chol = self._cholesky()
-        z = jax.random.normal(rng_key, (num_samples, *self.matrix.shape[:-1]), chol.dtype)
+        inv = self._inverse_cholesky()
+        z = jax.random.normal(rng_key, (num_samples, *self.matrix.shape[:-1]), inv.dtype)
         # C = L Lᵀ, so x = L⁻ᵀ z has covariance L⁻ᵀ L⁻¹ = C⁻¹.
-        lt = jnp.swapaxes(chol, -1, -2)
-        return jax.vmap(lambda zi: solve_triangular(lt, zi[..., None], lower=False)[..., 0])(z)
+        return jnp.einsum("...ki,s...k->s...i", inv, z)
 
     def min_eigenvalue(self) -> jnp.ndarray:
         """Smallest eigenvalue per task (diagnostic; no gradient flows through it)."""
-        return jnp.linalg.eigvalsh(jax.lax.stop_gradient(self.matrix))[..., 0]
+        return linalg.eigvalsh(jax.lax.stop_gradient(self.matrix))[..., 0]
 
     def dense(self) -> jnp.ndarray:
         return self.matrix
@@ -347,8 +350,8 @@ class KFACTaskCurvature(NamedTuple):
         lowest = []
         for layer in self.layers:
             compact = jax.lax.stop_gradient(layer.compact_factor())
-            a = jnp.linalg.eigvalsh(compact.A)
-            g = jnp.linalg.eigvalsh(compact.G)
+            a = linalg.eigvalsh(compact.A)
+            g = linalg.eigvalsh(compact.G)
             ends = jnp.stack([a[..., 0] * g[..., 0], a[..., 0] * g[..., -1],
                               a[..., -1] * g[..., 0], a[..., -1] * g[..., -1]])
             low = jnp.min(ends, 0)

@@ -24,6 +24,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from tqdm.auto import trange
 
+from numpyro_hbmeta import linalg
 from numpyro_hbmeta.curvature import hessian_blocks
 from numpyro_hbmeta.data import take_tasks
 from numpyro_hbmeta.handler import (
@@ -316,7 +317,7 @@ class MetaEB:
         phi_hat, precision = self._laplace_gaussian_jit(dict(params), support)
         # HVP-built Hessians are symmetric only up to roundoff.
         precision = 0.5 * (precision + jnp.swapaxes(precision, -1, -2))
-        eig = np.asarray(jnp.linalg.eigvalsh(precision)[:, 0])
+        eig = np.asarray(linalg.eigvalsh(precision)[:, 0])
         if not (eig > 0).all():
             bad = np.nonzero(~(eig > 0))[0]
             raise FloatingPointError(

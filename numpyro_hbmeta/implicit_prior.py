@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro import handlers
 
+from numpyro_hbmeta import linalg
 from numpyro_hbmeta.curvature import hessian_blocks
 from numpyro_hbmeta.handler import TaskContext, trace_globals
 from numpyro_hbmeta.inner import TruncatedGD
@@ -45,7 +46,7 @@ def implicit_prior_variances(eigenvalues: jnp.ndarray, *, num_steps: int,
 
 
 def _implicit_precision_and_cov(hessians, inner: TruncatedGD):
-    eigenvalues, vectors = jnp.linalg.eigh(hessians)
+    eigenvalues, vectors = linalg.eigh(hessians)
     q = implicit_prior_variances(eigenvalues, num_steps=inner.num_steps,
                                  step_size=inner.step_size)
     cov = jnp.einsum("jik,jk,jlk->jil", vectors, q, vectors)

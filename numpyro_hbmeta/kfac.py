@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from numpyro_hbmeta import nn
+from numpyro_hbmeta import linalg, nn
 
 __all__ = [
     "KFACCurvature",
@@ -270,7 +270,7 @@ class _Spectrum(NamedTuple):
 
 
 def _checked_eigh(matrix: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    values, vectors = jnp.linalg.eigh(matrix)
+    values, vectors = linalg.eigh(matrix)
     scale = jnp.max(jnp.abs(values), -1, keepdims=True)
     tol = _ROUNDOFF * matrix.shape[-1] * jnp.finfo(values.dtype).eps * scale
     valid = jnp.all(values >= -tol, -1)
@@ -321,7 +321,7 @@ def _as_matrix(v: jnp.ndarray, p: int, q: int, name: str) -> jnp.ndarray:
 def min_eigenvalues(factor: KroneckerFactor) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Smallest eigenvalues of A and of G, each (...); a diagnostic (no gradient)."""
     A, G = jax.lax.stop_gradient((factor.A, factor.G))
-    return jnp.linalg.eigvalsh(A)[..., 0], jnp.linalg.eigvalsh(G)[..., 0]
+    return linalg.eigvalsh(A)[..., 0], linalg.eigvalsh(G)[..., 0]
 
 
 # --------------------------------------------------------------------------- log det
@@ -557,8 +557,8 @@ class KFACCurvature(NamedTuple):
         """Smallest eigenvalue of the damped block-diagonal matrix per task (diagnostic)."""
         lowest = []
         for f in self.factors:
-            a = jnp.linalg.eigvalsh(jax.lax.stop_gradient(f.A))
-            g = jnp.linalg.eigvalsh(jax.lax.stop_gradient(f.G))
+            a = linalg.eigvalsh(jax.lax.stop_gradient(f.A))
+            g = linalg.eigvalsh(jax.lax.stop_gradient(f.G))
             ends = jnp.stack([a[..., 0] * g[..., 0], a[..., 0] * g[..., -1],
                               a[..., -1] * g[..., 0], a[..., -1] * g[..., -1]])
             lowest.append(jnp.min(ends, 0))
