@@ -337,9 +337,10 @@ def laplace_predictive(params, support, x, *, inner, curvature=None, net: Sinuso
         f(x) ~ N(f(x; φ̂_j), J_j Ĥ_j⁻¹ J_jᵀ),   J_j = ∂f(x; φ)/∂φ at φ̂_j,
 
     with ``num_samples`` draws of f(x) from that Gaussian, i.e. of f(x; φ̂_j) + J_j δ_j,
-    δ_j ~ N(0, Ĥ_j⁻¹), drawn through the points × points covariance. (Drawing δ_j with the
-    K-FAC curvature's own ``sample`` inside this jitted function hung XLA's CPU runtime
-    here — jaxlib's thread pool never completed the execution — so it is not used.)
+    δ_j ~ N(0, Ĥ_j⁻¹), drawn through the points × points covariance (the same distribution
+    as pushing the curvature's own ``sample`` through J_j). An earlier version of this
+    function hung on CPU: concurrent batched LAPACK calls deadlock XLA's thread pool in
+    jaxlib 0.10–0.11, which :mod:`numpyro_hbmeta.linalg` now avoids.
 
     Args:
         params: constrained globals, ``{"theta": (d,)}``.
