@@ -308,15 +308,21 @@ print(f"tutorial ran in {time.perf_counter() - start_time:.0f} s "
 #   1.1% for the fully connected "MAML, no conv", Finn et al. 2017, Table 1) come from 60,000
 #   meta-iterations on 28×28 images of 1,200 training characters; this tutorial runs hundreds
 #   of iterations of an MLP on 14×14 images of at most the 242 characters in Omniglot's two
-#   "small" background sets. `experiments/omniglot.py` runs the longer comparison.
-# * **Convolutions.** K-FAC is implemented for dense layers only; a model whose task weights
-#   sit in a convolution gets a clear error from `curvature="kfac"`, so MAML's conv4 could use
-#   `"diag"` or `"ggn"` curvature (ggn needs Normal/Bernoulli outputs), not K-FAC.
+#   "small" background sets. `experiments/omniglot.py` runs the longer comparison (1500
+#   meta-iterations of 32 episodes, both background sets, 600 test episodes: MAML 83.1 ± 0.9%,
+#   LLAMA 83.6 ± 0.8%, LLAMA 1.6× MAML's cost per meta-iteration).
+# * **Convolutions.** K-FAC covers convolutions declared with `hbm.conv2d_layer` (each output
+#   location is a point of a dense layer on image patches, Grosse & Martens' KFC); a plain
+#   `nn.conv2d` gets a clear error from `curvature="kfac"`. The tutorial uses an MLP because
+#   MAML's conv4 on 28×28 images did not even finish compiling and five steps in ten minutes on
+#   two CPU cores.
 # * **The damping is a prior.** The Laplace predictive's spread is set by $\delta$ in every
 #   direction the five support images do not constrain (almost all of the tens of thousands of
 #   weights). We use the model's $1/\tau^2$; the implicit prior of the inner loop,
 #   $\delta = 1/(K\beta)$, spreads the weights so far that accuracy collapses towards chance.
 #   Either is a modelling choice the five support images cannot check, and neither makes the
-#   Gaussian the exact posterior.
+#   Gaussian the exact posterior. In the full run on Omniglot the plug-in softmax was already
+#   calibrated (ECE 0.014) and the Laplace predictive was under-confident (ECE 0.061, mean
+#   entropy 0.78 against 0.55 nats): even $\delta = 1/\tau^2$ leaves too much spread here.
 # * **η.** At $\eta = 10^{-6}$ the Laplace term barely changes the meta-training objective; a
 #   larger $\eta$ trades query fit for flatter solutions and was not explored here.
