@@ -495,6 +495,9 @@ def sample(rng_key: jax.Array, factor: KroneckerFactor, damping: float | jnp.nda
     normal, with the damping added to each factor, (A + √δ I) ⊗ (G + √δ I); working in the
     eigenbases gives the exactly damped A ⊗ G + δI at the same cost.
     """
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"kfac.sample: num_samples must be a positive integer, "
+                         f"got {num_samples!r}")
     A, G, damping = _broadcast(factor, damping)
     p, q = A.shape[-1], G.shape[-1]
     z = _standard_normal(rng_key, (num_samples, *A.shape[:-2], p * q), A.dtype)

@@ -131,6 +131,14 @@ def test_sample_is_the_sampler_map_applied_to_standard_normals():
     np.testing.assert_allclose(draws, (L @ z[..., None])[..., 0], atol=1e-10)
 
 
+@pytest.mark.parametrize("num_samples", [0, -1, 1.5])
+def test_sample_refuses_a_non_positive_or_fractional_count(num_samples):
+    expected = f"num_samples must be a positive integer, got {num_samples}"
+    with pytest.raises(ValueError, match=expected):
+        kfac.sample(jax.random.PRNGKey(0), random_factor(0, 2, 2, ()), 0.1,
+                    num_samples=num_samples)
+
+
 def test_one_output_dense_layer_gives_exact_fisher():
     """Linear-Gaussian regression, unit noise: g_n = 1 exactly, so A ⊗ G = JᵀJ, J rows = ā_n."""
     n, d_in = 7, 3
