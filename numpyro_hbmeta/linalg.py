@@ -11,14 +11,15 @@ of every layer, each batched over tasks, are independent, so XLA runs them side 
 2-core machine (a pool of two) LLAMA-K-FAC training hung every few hundred steps, with both
 pool threads in ``lapack_ssyevd_ffi`` → ``absl::BlockingCounter::Wait``.
 
-A LAPACK call on a *single* matrix never uses the pool. So on CPU the functions here loop over
-the batch (``lax.map``), one unbatched LAPACK call per matrix — also under ``jax.vmap``, whose
-batch axis a custom batching rule (:func:`jax.custom_batching.sequential_vmap`) moves into the
-loop. That is exactly what the fixed jaxlib does inside its kernel (a loop over the batch), so
-nothing is lost against it; on a 2-core machine it gives up jaxlib 0.10's split of one large
-batched call over two threads (``benchmarks/cpu_linalg.py`` measures the ratio). On other
-platforms the functions are ``jnp.linalg``'s, chosen at lowering time
-(:func:`jax.lax.platform_dependent`).
+A LAPACK call on a *single* matrix never uses the pool, and neither does a batch too small for
+jaxlib to split (batch × flops per matrix < 2·10⁵). So on CPU the functions here loop over a
+large batch (``lax.map``), one unbatched LAPACK call per matrix — also under ``jax.vmap``,
+whose batch axis a custom batching rule (:class:`jax.custom_batching.custom_vmap`) folds into
+the batch of the call — and keep the native batched call for small batches. That is exactly
+what the fixed jaxlib does inside its kernel (a loop over the batch), so nothing is lost
+against it; on a 2-core machine it gives up jaxlib 0.10's split of one large batched call over
+two threads (``benchmarks/cpu_linalg.py`` measures the ratio). On other platforms the functions
+are ``jnp.linalg``'s, chosen at lowering time (:func:`jax.lax.platform_dependent`).
 
 **Derivatives.** A sequential loop has no transpose rule, so each function carries its own
 JVP whose tangent part is matrix products only (hence reverse mode, and forward-over-reverse
@@ -37,6 +38,7 @@ Inputs are symmetrised as ``jnp.linalg.eigh`` does, (A + Aᵀ)/2, and so are the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -45,21 +47,37 @@ import jax.numpy as jnp
 __all__ = ["cholesky", "eigh", "eigvalsh", "triangular_inverse"]
 
 
+# jaxlib splits a batched call only when batch × cost ≥ 2·10⁵ flops, with cost ≤ 5n³ for the
+# real kernels used here (syevd 5n³, potrf n³/3, trsm n³) and 3× that for complex ones
+# (GetLapackBatchChunkSize in jaxlib/cpu/lapack_kernels.cc, jax 0.10). Below that the batched
+# call runs inline on its thread and cannot deadlock, so it is kept: small problems (the
+# statistical zoo models' d ≤ 5) pay neither the loop nor its compile time.
+_SPLIT_FLOPS = 200_000
+_FLOPS_PER_N3 = 15
+
+
 def _one_matrix_at_a_time(fn: Callable) -> Callable:
     """``fn`` (batch-polymorphic in leading axes) with one LAPACK call per matrix on CPU."""
-    looped = jax.custom_batching.sequential_vmap(fn)
 
     def cpu(x):
-        batch = x.shape[:-2]
-        if not batch:
-            return looped(x)
-        out = jax.vmap(looped)(x.reshape((-1, *x.shape[-2:])))
+        batch, n = x.shape[:-2], x.shape[-1]
+        size = math.prod(batch)
+        if size <= 1 or size * _FLOPS_PER_N3 * n**3 < _SPLIT_FLOPS:
+            return fn(x)
+        out = jax.lax.map(fn, x.reshape((size, n, n)))
         return jax.tree.map(lambda o: o.reshape((*batch, *o.shape[1:])), out)
 
-    def dispatch(x):
+    @jax.custom_batching.custom_vmap
+    def call(x):
         return jax.lax.platform_dependent(x, cpu=cpu, default=fn)
 
-    return dispatch
+    @call.def_vmap
+    def _vmap_rule(axis_size, in_batched, x):
+        # The vmapped axis is x's leading axis: fold it into the batch of the call itself.
+        out = call(x)
+        return out, jax.tree.map(lambda _: in_batched[0], out)
+
+    return call
 
 
 def _symmetric(x: jnp.ndarray) -> jnp.ndarray:

@@ -22,14 +22,15 @@ def random_spd(seed, batch, dim):
     return x @ np.swapaxes(x, -1, -2) / dim + 0.1 * np.eye(dim)
 
 
+# (3,) × 24 and (2, 3) × 24 are big enough to take the loop; () is a single matrix.
 @pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
 def test_values_equal_numpy(batch):
-    x = random_spd(0, batch, 5)
+    x = random_spd(0, batch, 24)
     w, v = linalg.eigh(x)
     np.testing.assert_allclose(w, np.linalg.eigvalsh(x), rtol=1e-12)
     np.testing.assert_allclose(v @ (w[..., None] * np.swapaxes(v, -1, -2)), x, atol=1e-12)
     np.testing.assert_allclose(np.swapaxes(v, -1, -2) @ v,
-                               np.broadcast_to(np.eye(5), x.shape), atol=1e-12)
+                               np.broadcast_to(np.eye(24), x.shape), atol=1e-12)
     np.testing.assert_allclose(linalg.eigvalsh(x), w, rtol=0)
     lower = linalg.cholesky(x)
     np.testing.assert_allclose(lower, np.linalg.cholesky(x), rtol=1e-12)
@@ -38,7 +39,7 @@ def test_values_equal_numpy(batch):
 
 
 def test_vmap_and_nested_vmap_equal_the_batched_call():
-    x = random_spd(1, (2, 3), 4)
+    x = random_spd(1, (2, 3), 24)
     np.testing.assert_array_equal(jax.vmap(jax.vmap(linalg.eigvalsh))(x), linalg.eigvalsh(x))
     np.testing.assert_array_equal(jax.vmap(linalg.cholesky)(x), linalg.cholesky(x))
 
@@ -61,8 +62,10 @@ def _objective(eigh, cholesky):
     return f
 
 
-def test_gradient_and_hessian_equal_jax():
-    x = random_spd(2, (2,), 3)
+@pytest.mark.parametrize("batch, dim", [((2,), 3), ((30,), 8)])  # native call; loop
+def test_gradient_and_hessian_vector_product_equal_jax(batch, dim):
+    x = random_spd(2, batch, dim)
+    direction = random_spd(3, batch, dim)
     ours = _objective(linalg.eigh, linalg.cholesky)
     ref = _objective(jnp.linalg.eigh, jnp.linalg.cholesky)
     # Only the symmetric part of x is used, as jnp.linalg's default symmetrize_input does.
@@ -70,9 +73,12 @@ def test_gradient_and_hessian_equal_jax():
     np.testing.assert_allclose(jax.jit(jax.grad(ours))(x), expected, rtol=1e-10, atol=1e-12)
     batched = jax.jit(jax.grad(lambda y: jnp.sum(jax.vmap(ours)(y))))
     np.testing.assert_allclose(batched(x), expected, rtol=1e-10, atol=1e-12)
+
     # Forward over reverse (EB's curvature in θ differentiates a Laplace log det twice).
-    small = x[0, :2, :2]
-    np.testing.assert_allclose(jax.jit(jax.hessian(ours))(small), jax.jit(jax.hessian(ref))(small),
+    def hvp(f):
+        return jax.jit(lambda y, v: jax.jvp(jax.grad(f), (y,), (v,))[1])
+
+    np.testing.assert_allclose(hvp(ours)(x, direction), hvp(ref)(x, direction),
                                rtol=1e-8, atol=1e-10)
 
 
@@ -91,20 +97,24 @@ def _lapack_operand_shapes(fn, *args):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU lowering is what is checked")
-def test_no_batched_lapack_call_on_cpu():
-    """jaxlib 0.10–0.11 run a batched LAPACK call's chunks on XLA's intra-op pool and block the
-    calling pool thread; concurrent batched calls then deadlock (numpyro_hbmeta.linalg). Every
-    LAPACK call here, K-FAC's log det with its gradient under vmap over tasks included, must be
-    on one matrix (a rank-2 operand)."""
-    x = random_spd(5, (4, 3), 6)
+def test_no_batched_lapack_call_that_jaxlib_could_split():
+    """jaxlib 0.10–0.11 run a large batched LAPACK call's chunks on XLA's intra-op pool and
+    block the calling pool thread; concurrent batched calls then deadlock (module docstring).
+    Every LAPACK call on a batch big enough to be split — K-FAC's log det with its gradient
+    under vmap over tasks included — must be on one matrix (a rank-2 operand); small batches,
+    which jaxlib runs inline, keep the native batched call."""
+    x = random_spd(5, (4, 3), 24)  # 12 × 15 · 24³ flops ≥ 2·10⁵: would be split
     shapes = _lapack_operand_shapes(
         jax.vmap(jax.grad(lambda y: jnp.sum(_objective(linalg.eigh, linalg.cholesky)(y)))), x)
-    assert shapes and all(s == "6x6" for s in shapes), shapes
+    assert shapes and all(s == "24x24" for s in shapes), shapes
+    # The reason for all this: jnp.linalg's own call is one batched call.
+    assert _lapack_operand_shapes(jnp.linalg.eigh, x) == ["4x3x24x24"]
 
-    factor = kfac.KroneckerFactor(random_spd(6, (4,), 5), random_spd(7, (4,), 3))
+    factor = kfac.KroneckerFactor(random_spd(6, (4,), 30), random_spd(7, (4,), 20))
     shapes = _lapack_operand_shapes(
         jax.grad(lambda a, g: jnp.sum(kfac.logdet(kfac.KroneckerFactor(a, g), 0.1))),
         factor.A, factor.G)
-    assert sorted(set(shapes)) == ["3x3", "5x5"], shapes
-    # The reason for all this: jnp.linalg's own call is batched.
-    assert _lapack_operand_shapes(jnp.linalg.eigh, x) == ["4x3x6x6"]
+    assert sorted(set(shapes)) == ["20x20", "30x30"], shapes
+
+    small = random_spd(8, (4, 3), 6)  # 12 × 15 · 6³ < 2·10⁵: jaxlib runs it inline
+    assert _lapack_operand_shapes(jax.vmap(linalg.eigh), small) == ["4x3x6x6"]
