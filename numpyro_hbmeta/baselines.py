@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 
-from numpyro_hbmeta import linalg
+from numpyro_hbmeta.curvature import FullCurvature
 from numpyro_hbmeta.eb import MetaEB
 from numpyro_hbmeta.handler import meta_marginal
 from numpyro_hbmeta.implicit_prior import context_at
@@ -91,10 +91,7 @@ def _laplace_draws(model: Callable, data: Mapping[str, Any], globals_draws, rng_
 
     def one(params, key):
         phi_hat, precision = driver._laplace_gaussian(params, data)
-        inv = linalg.triangular_inverse(linalg.cholesky(precision))
-        z = jax.random.normal(key, phi_hat.shape, phi_hat.dtype)
-        phi = phi_hat + jnp.einsum("tki,tk->ti", inv, z)  # L⁻ᵀ z ~ N(0, precision⁻¹)
-        return context.constrained(phi)
+        return context.constrained(phi_hat + FullCurvature(precision).sample(key, 1)[0])
 
     chains, draws = next(iter(globals_draws.values())).shape[:2]
     flat = {k: jnp.reshape(v, (chains * draws, *v.shape[2:])) for k, v in globals_draws.items()}
