@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_hbmeta import linalg
-from numpyro_hbmeta.kfac import KFACCurvature, KroneckerFactor
+from numpyro_hbmeta.kfac import KFACCurvature, KroneckerFactor, kron_min_eigenvalue
 from numpyro_hbmeta.kfac import logdet as kfac_logdet
 
 __all__ = [
@@ -350,11 +350,7 @@ class KFACTaskCurvature(NamedTuple):
         lowest = []
         for layer in self.layers:
             compact = jax.lax.stop_gradient(layer.compact_factor())
-            a = linalg.eigvalsh(compact.A)
-            g = linalg.eigvalsh(compact.G)
-            ends = jnp.stack([a[..., 0] * g[..., 0], a[..., 0] * g[..., -1],
-                              a[..., -1] * g[..., 0], a[..., -1] * g[..., -1]])
-            low = jnp.min(ends, 0)
+            low = kron_min_eigenvalue(compact)
             lowest.append(jnp.minimum(low, 0.0) if self._missing(layer, compact) else low)
         return jnp.min(jnp.stack(lowest), 0) + self.damping
 

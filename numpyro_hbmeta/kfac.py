@@ -72,6 +72,7 @@ __all__ = [
     "dense_factors",
     "gaussian_output_grads",
     "inverse_sqrt_matvec",
+    "kron_min_eigenvalue",
     "logdet",
     "matvec",
     "min_eigenvalues",
@@ -324,6 +325,19 @@ def min_eigenvalues(factor: KroneckerFactor) -> tuple[jnp.ndarray, jnp.ndarray]:
     return linalg.eigvalsh(A)[..., 0], linalg.eigvalsh(G)[..., 0]
 
 
+def kron_min_eigenvalue(factor: KroneckerFactor) -> jnp.ndarray:
+    """Smallest eigenvalue of A ⊗ G, (...); a diagnostic (no gradient).
+
+    The spectrum of A ⊗ G is {a_i g_j}, so its minimum is the least of the four products of
+    the extreme eigenvalues of A and G (either factor may have negative eigenvalues).
+    """
+    A, G = jax.lax.stop_gradient((factor.A, factor.G))
+    a, g = linalg.eigvalsh(A), linalg.eigvalsh(G)
+    ends = jnp.stack([a[..., 0] * g[..., 0], a[..., 0] * g[..., -1],
+                      a[..., -1] * g[..., 0], a[..., -1] * g[..., -1]])
+    return jnp.min(ends, 0)
+
+
 # --------------------------------------------------------------------------- log det
 
 
@@ -558,14 +572,8 @@ class KFACCurvature(NamedTuple):
 
     def min_eigenvalue(self) -> jnp.ndarray:
         """Smallest eigenvalue of the damped block-diagonal matrix per task (diagnostic)."""
-        lowest = []
-        for f in self.factors:
-            a = linalg.eigvalsh(jax.lax.stop_gradient(f.A))
-            g = linalg.eigvalsh(jax.lax.stop_gradient(f.G))
-            ends = jnp.stack([a[..., 0] * g[..., 0], a[..., 0] * g[..., -1],
-                              a[..., -1] * g[..., 0], a[..., -1] * g[..., -1]])
-            lowest.append(jnp.min(ends, 0))
-        return jnp.min(jnp.stack(lowest), 0) + jax.lax.stop_gradient(self.damping)
+        lowest = jnp.stack([kron_min_eigenvalue(f) for f in self.factors])
+        return jnp.min(lowest, 0) + jax.lax.stop_gradient(self.damping)
 
     def dense(self) -> jnp.ndarray:
         """The dense (tasks, d, d) matrix; for tests only."""

@@ -365,3 +365,14 @@ def test_vec_round_trips_and_shape_errors():
         kfac.solve(factor, np.ones(5))
     with pytest.raises(ValueError, match="disagree"):
         kfac.dense_factors(np.ones((4, 2)), np.ones((3, 1)))
+
+
+def test_kron_min_eigenvalue_is_the_smallest_eigenvalue_of_the_kronecker_product():
+    rng = np.random.default_rng(11)
+    a = rng.normal(size=(3, 4, 4))
+    g = rng.normal(size=(3, 2, 2))
+    # Indefinite factors too: the minimum can be (largest a) × (smallest g) and so on.
+    factor = kfac.KroneckerFactor(a + np.swapaxes(a, -1, -2), g + np.swapaxes(g, -1, -2))
+    expected = [np.linalg.eigvalsh(np.kron(A, G))[0]
+                for A, G in zip(factor.A, factor.G, strict=True)]
+    np.testing.assert_allclose(kfac.kron_min_eigenvalue(factor), expected, rtol=1e-10)
