@@ -31,7 +31,7 @@ def spd(key, tasks: int, n: int) -> jnp.ndarray:
     return x @ jnp.swapaxes(x, -1, -2) / n + 0.1 * jnp.eye(n)
 
 
-def best_ms(fn, args, calls: int) -> float:
+def ms_per_call(fn, args, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         out = fn(*args)
@@ -66,9 +66,9 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, (ours, theirs) in single.items():
             for label, fn in ((f"{name} ours", ours), (f"{name} jnp", theirs)):
-                best[label] = min(best.get(label, float("inf")), best_ms(fn, (x,), args.calls))
+                best[label] = min(best.get(label, float("inf")), ms_per_call(fn, (x,), args.calls))
         best["kfac"] = min(best.get("kfac", float("inf")),
-                           best_ms(kfac_step, (factors,), args.calls))
+                           ms_per_call(kfac_step, (factors,), args.calls))
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
           f"batch of {args.tasks} matrices {args.n}×{args.n}, best of {args.repeats} × "
           f"{args.calls} calls")

@@ -8,11 +8,10 @@ They are run end to end (small mode) by ``test_statistics_tutorials.py`` (01, 03
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
+from tutorial_runner import RUN_BY, TUTORIALS
 
-TUTORIALS = Path(__file__).resolve().parents[2] / "tutorials"
 EXPECTED = (
     "01_maml_is_empirical_bayes",
     "02_laplace_and_llama",
@@ -28,8 +27,6 @@ def test_every_expected_tutorial_exists():
 
 
 def test_every_tutorial_is_run():
-    from tutorial_runner import RUN_BY
-
     assert sorted(stem for stems in RUN_BY.values() for stem in stems) == sorted(EXPECTED)
 
 
