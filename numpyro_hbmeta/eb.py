@@ -6,44 +6,100 @@ meta-training (Grant et al., ICLR 2018, eq. 3), with ``"llama"`` LLAMA (§4), wi
 ``"laplace"`` and :class:`~numpyro_hbmeta.Newton` the classical Laplace empirical Bayes of a
 hierarchical model. The optimiser moves in unconstrained space (no Jacobian term: the
 maximiser of a likelihood does not depend on the parametrisation).
+
+The driver is built like NumPyro's ``SVI`` and BlackJAX's kernels: :meth:`MetaEB.init` gives a
+:class:`MetaEBState`, :meth:`MetaEB.update` is one pure, jit-compiled optimiser step returning
+``(state, StepInfo)``, and :meth:`MetaEB.run` is a thin loop over it: chunks of steps under
+``lax.scan`` (one host sync per chunk, none per step), the same compiled code on every call,
+with or without a progress bar, on fixed data or on a stream of fresh episodes
+(``task_source``).
+
+Step keys: ``run(rng_key, ...)`` splits ``key_init, key_steps = jax.random.split(rng_key)``
+and step ``t`` (counted by ``state.step`` across resumed runs) uses
+``jax.random.fold_in(key_steps, t)``; driving :meth:`update` by hand with those keys gives the
+same numbers bit for bit, and ``run(k)`` then ``run(m, init_state=...)`` equals ``run(k + m)``.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 import optax
 from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
-from tqdm.auto import trange
 
-from numpyro_hbmeta import linalg
+from numpyro_hbmeta import eb_checks, linalg, sites, validate
 from numpyro_hbmeta.curvature import hessian_blocks
 from numpyro_hbmeta.data import take_tasks
+from numpyro_hbmeta.eb_checks import OuterConvergence
 from numpyro_hbmeta.handler import (
-    OBJECTIVE_SITE,
     MetaMarginal,
     TaskContext,
     meta_marginal,
+    model_structure,
     trace_hidden,
 )
 from numpyro_hbmeta.implicit_prior import context_at, implicit_precision
 from numpyro_hbmeta.inner import Newton, TruncatedGD
 from numpyro_hbmeta.plate import is_task_frame, task_batch
+from numpyro_hbmeta.progress import Progress
 
-__all__ = ["MetaEB", "MetaEBResult", "TaskGaussian"]
+__all__ = ["MetaEB", "MetaEBResult", "MetaEBState", "StepInfo", "TaskGaussian"]
+
+#: Steps per compiled chunk of :meth:`MetaEB.run`; a shorter last chunk reuses the same
+#: compiled code (the surplus iterations are skipped by a ``lax.cond``).
+CHUNK_SIZE = 50
+
+TaskSource = Callable[[jax.Array, int], tuple[dict, dict | None]] | Iterator
 
 
 class MetaEBState(NamedTuple):
-    params: dict[str, jnp.ndarray]  # unconstrained
+    """The optimiser's state: what :meth:`MetaEB.update` maps to the next one.
+
+    Attributes:
+        params: unconstrained values of the global sites.
+        opt_state: the optax state.
+        step: () int32, optimiser steps taken (it indexes the step keys).
+    """
+
+    params: dict[str, jnp.ndarray]
     opt_state: Any
+    step: jnp.ndarray
+
+
+class StepInfo(NamedTuple):
+    """Diagnostics of one :meth:`MetaEB.update` (BlackJAX's ``info``), all on device.
+
+    Attributes:
+        loss: () −Σ_j objective_j on this step's tasks, before the update.
+        grad_norm: () global ℓ2 norm of the gradient.
+        num_diverged: () tasks whose inner solve diverged (loss rose or became non-finite).
+        num_unconverged: () tasks whose inner solve did not converge (``Newton`` only;
+            truncated gradient descent stops after K steps by design).
+        diverged_tasks: (8,) the first diverged task indices (−1 pads), in the full task set.
+        unconverged_tasks: (8,) the same for non-converged tasks.
+        active: global -> () bool, the gradient is not identically zero.
+        ok: () bool: the loss and gradient are finite, the gradient does not overflow when
+            squared, and the updated globals are finite. :meth:`run` refuses a step that is
+            not ok and raises with a diagnosis.
+    """
+
+    loss: jnp.ndarray
+    grad_norm: jnp.ndarray
+    num_diverged: jnp.ndarray
+    num_unconverged: jnp.ndarray
+    diverged_tasks: jnp.ndarray
+    unconverged_tasks: jnp.ndarray
+    active: dict[str, jnp.ndarray]
+    ok: jnp.ndarray
 
 
 class MetaEBResult(NamedTuple):
@@ -51,14 +107,16 @@ class MetaEBResult(NamedTuple):
 
     Attributes:
         params: constrained values of the global sites.
-        losses: (num_steps,) negative objective at each step (before its update).
-        state: final optimiser state (unconstrained params and optax state).
-        inactive_sites: globals whose gradient was exactly zero at the first step: the objective
+        losses: (num_steps,) negative objective at each step of this run (before its update).
+        state: final optimiser state; pass it as ``run(..., init_state=result.state)`` to go on.
+        inactive_sites: globals whose gradient was exactly zero at every step: the objective
             does not depend on them (e.g. τ under ``maml``, where the implicit prior replaces
             p(φ | θ)); their values are the initial ones and carry no information.
         boundary_sites: positive globals (scales) whose estimate sits at the boundary 0: the
             objective does not get worse when the value is shrunk 1000-fold (e.g. τ̂ = 0 on
             eight schools). A warning names the remedies.
+        convergence: whether the outer optimisation converged, with its numbers and
+            thresholds (:class:`~numpyro_hbmeta.eb_checks.OuterConvergence`).
     """
 
     params: dict[str, jnp.ndarray]
@@ -66,6 +124,12 @@ class MetaEBResult(NamedTuple):
     state: MetaEBState
     inactive_sites: tuple[str, ...] = ()
     boundary_sites: tuple[str, ...] = ()
+    convergence: OuterConvergence | None = None
+
+    @property
+    def converged(self) -> bool | None:
+        """Whether the outer optimisation converged (``None`` if not judged)."""
+        return None if self.convergence is None else self.convergence.converged
 
 
 class TaskGaussian(dist.MultivariateNormal):
@@ -79,6 +143,19 @@ class TaskGaussian(dist.MultivariateNormal):
     def to_sites(self, value: jnp.ndarray) -> dict[str, jnp.ndarray]:
         """(..., tasks, d) -> {task site: constrained value (..., *site shape)}."""
         return self._context.constrained(value)
+
+
+class _Config(NamedTuple):
+    """Static facts of a step: they select the compiled code, never its inputs."""
+
+    num_tasks: int
+    batch_size: int | None
+    plate_name: str
+
+
+def _data_key(support, query) -> tuple:
+    leaves, treedef = jax.tree.flatten((support, query))
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
 class MetaEB:
@@ -103,12 +180,19 @@ class MetaEB:
         self.inner = inner
         self.marginal: MetaMarginal = meta_marginal(model, inner=inner, objective=objective,
                                                     curvature=curvature, eta=eta)
+        self.curvature, self.eta = curvature, eta
+        self._optimizer_given = optimizer
         self.optimizer = optax.with_extra_args_support(
-            optax.adam(1e-2) if optimizer is None else optimizer)
-        self.hyperprior = hyperprior
-        # One compiled Laplace-Gaussian per driver: task_posterior, sample_posterior and
-        # to_inference_data all call it, and a fresh jax.jit each call would recompile.
+            optax.adam(1e-2) if optimizer is None else validate.optimizer(optimizer))
+        self.hyperprior = bool(hyperprior)
+        # Compiled once per driver (jax.jit caches per shape and static config): a second
+        # run, or a run after update, compiles nothing.
+        self._update_jit = jax.jit(self._update, static_argnames=("config",))
+        self._guarded_jit = jax.jit(self._guarded, static_argnames=("config",))
+        self._chunk_jit = jax.jit(self._chunk, static_argnames=("config", "length"))
+        self._loss_jit = jax.jit(self.loss)
         self._laplace_gaussian_jit = jax.jit(self._laplace_gaussian)
+        self._structures: dict[tuple, Any] = {}
 
     # -- the objective --------------------------------------------------------------------
     def _trace(self, unconstrained, support, query):
@@ -122,8 +206,8 @@ class MetaEB:
             self.marginal(support, query)
         return tr
 
-    def loss(self, unconstrained: Mapping[str, jnp.ndarray], support, query=None):
-        """−Σ_j objective_j (scaled by the tasks plate), − log p(θ) if ``hyperprior``."""
+    def _objective(self, unconstrained, support, query):
+        """(−Σ_j objective_j [− log p(θ)], per-task inner flags (diverged, unconverged))."""
         tr = self._trace(unconstrained, support, query)
         total = 0.0
         for site in tr.values():
@@ -131,12 +215,27 @@ class MetaEB:
                 continue
             log_prob = jnp.sum(site["fn"].log_prob(site["value"]))
             total = total + (log_prob if site["scale"] is None else site["scale"] * log_prob)
-        return -total
+        converged = tr[sites.INNER_CONVERGED]["value"]
+        diverged = (tr[sites.INNER_DIVERGED]["value"] if sites.INNER_DIVERGED in tr
+                    else ~converged)
+        unconverged = (~converged & ~diverged if isinstance(self.inner, Newton)
+                       else jnp.zeros_like(converged))
+        return -total, (diverged, unconverged)
 
-    # -- fitting --------------------------------------------------------------------------
+    def loss(self, unconstrained: Mapping[str, jnp.ndarray], support, query=None):
+        """−Σ_j objective_j (scaled by the tasks plate), − log p(θ) if ``hyperprior``."""
+        return self._objective(unconstrained, support, query)[0]
+
+    # -- the pure step --------------------------------------------------------------------
     def init(self, rng_key, support, query=None, init_params=None) -> MetaEBState:
         """Unconstrained start: ``init_params`` (constrained) or uniform(−2, 2), as NumPyro's
-        ``init_to_uniform``, and the optimiser state."""
+        ``init_to_uniform``, and the optimiser state.
+
+        Raises:
+            ValueError: ``init_params`` names a non-global site, has the wrong shape, or a
+                value outside the site's support (e.g. a negative scale).
+        """
+        support = validate.task_data(support, "support")
         globals_ = self._global_sites(rng_key, support)
         init_params = dict(init_params or {})
         unknown = set(init_params) - set(globals_)
@@ -146,79 +245,231 @@ class MetaEB:
         params = {}
         keys = jax.random.split(rng_key, max(len(globals_), 1))
         for key, (name, site) in zip(keys, globals_.items(), strict=False):
-            transform = biject_to(site["fn"].support)
+            support_ = site["fn"].support
+            transform = biject_to(support_)
             if name in init_params:
                 value = jnp.asarray(init_params[name], dtype=jnp.result_type(float))
                 if value.shape != jnp.shape(site["value"]):
                     raise ValueError(f"init_params[{name!r}] has shape {value.shape}, the site "
                                      f"has shape {jnp.shape(site['value'])}")
+                if not bool(jnp.all(support_(value))) or not bool(jnp.all(jnp.isfinite(value))):
+                    raise ValueError(f"init_params[{name!r}] = {np.asarray(value).tolist()} is "
+                                     f"outside the support of the site ({support_})")
                 params[name] = transform.inv(value)
             else:
                 shape = transform.inverse_shape(jnp.shape(site["value"]))
                 params[name] = jax.random.uniform(key, shape, minval=-2.0, maxval=2.0)
-        return MetaEBState(params, self.optimizer.init(params))
+        return MetaEBState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
 
-    def _step_fn(self, num_tasks: int, batch_size: int | None, plate_name: str):
-        def batch_loss(params, support, query, indices):
-            if indices is None:
-                return self.loss(params, support, query)
-            sliced = take_tasks(support, indices)
-            sliced_query = None if query is None else take_tasks(query, indices)
-            with task_batch(plate_name, num_tasks, indices):
-                return self.loss(params, sliced, sliced_query)
+    def update(self, state: MetaEBState, rng_key, support, query=None, *,
+               task_batch_size: int | None = None) -> tuple[MetaEBState, StepInfo]:
+        """One optimiser step on −Σ_j objective_j; pure and compiled once per data shape.
 
-        def step(state, rng_key, support, query):
-            indices = None
-            if batch_size is not None:
-                indices = jax.random.choice(rng_key, num_tasks, (batch_size,), replace=False)
-            value_fn = lambda p: batch_loss(p, support, query, indices)  # noqa: E731
-            value, grads = jax.value_and_grad(value_fn)(state.params)
-            updates, opt_state = self.optimizer.update(
-                grads, state.opt_state, state.params, value=value, grad=grads,
-                value_fn=value_fn)
-            new_state = MetaEBState(optax.apply_updates(state.params, updates), opt_state)
-            active = {name: jnp.any(g != 0) for name, g in grads.items()}
-            return new_state, value, active
+        Args:
+            state: from :meth:`init` or a previous update.
+            rng_key: this step's key (it draws the task batch).
+            support: the model's keyword arguments for the support set, task-major.
+            query: the same for the query set (``maml``/``llama``).
+            task_batch_size: optimise on this many tasks drawn without replacement, the
+                likelihood scaled by J / batch (an unbiased estimate of the full objective).
 
-        return jax.jit(step)
+        Returns:
+            ``(new_state, info)``; ``info.ok`` is False when the step is meaningless (the new
+            state is then not to be trusted; :meth:`run` refuses it and raises).
+        """
+        config = self._config(support, query, task_batch_size)
+        return self._update_jit(state, rng_key, support, query, config=config)
 
-    def run(self, rng_key, num_steps: int, support: Mapping[str, Any],
-            query: Mapping[str, Any] | None = None, *, task_batch_size: int | None = None,
-            progress_bar: bool = True, init_params: Mapping[str, Any] | None = None
-            ) -> MetaEBResult:
+    def _config(self, support, query, task_batch_size) -> _Config:
+        key = _data_key(support, query)
+        spec = self._structures.get(key)
+        if spec is None:
+            spec = self._structures[key] = model_structure(self.model, support)
+        batch = validate.task_batch_size(task_batch_size, spec.subsample_size)
+        if batch is not None and spec.size != spec.subsample_size:
+            raise ValueError("task_batch_size cannot be combined with a subsampled tasks plate "
+                             f"(the model's plate has size {spec.size} and subsample_size "
+                             f"{spec.subsample_size})")
+        return _Config(spec.subsample_size, batch, spec.plate_name)
+
+    def _batch_objective(self, params, support, query, indices, config: _Config):
+        if indices is None:
+            return self._objective(params, support, query)
+        sliced = take_tasks(support, indices)
+        sliced_query = None if query is None else take_tasks(query, indices)
+        with task_batch(config.plate_name, config.num_tasks, indices):
+            return self._objective(params, sliced, sliced_query)
+
+    def _update(self, state: MetaEBState, rng_key, support, query, *, config: _Config
+                ) -> tuple[MetaEBState, StepInfo]:
+        indices = None
+        if config.batch_size is not None:
+            indices = jax.random.choice(rng_key, config.num_tasks, (config.batch_size,),
+                                        replace=False)
+
+        def value_fn(params):
+            return self._batch_objective(params, support, query, indices, config)[0]
+
+        (value, (diverged, unconverged)), grads = jax.value_and_grad(
+            lambda p: self._batch_objective(p, support, query, indices, config),
+            has_aux=True)(state.params)
+        updates, opt_state = self.optimizer.update(
+            grads, state.opt_state, state.params, value=value, grad=grads, value_fn=value_fn)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        threshold = eb_checks.overflow_threshold(jnp.result_type(grad_norm))
+        finite_params = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                           for p in jax.tree.leaves(params)]))
+        ok = jnp.isfinite(value) & jnp.isfinite(grad_norm) & (grad_norm < threshold) \
+            & finite_params
+        info = StepInfo(
+            loss=value, grad_norm=grad_norm,
+            num_diverged=jnp.sum(diverged).astype(jnp.int32),
+            num_unconverged=jnp.sum(unconverged).astype(jnp.int32),
+            diverged_tasks=eb_checks.first_tasks(diverged, indices),
+            unconverged_tasks=eb_checks.first_tasks(unconverged, indices),
+            active={name: jnp.any(g != 0) for name, g in grads.items()},
+            ok=ok)
+        return MetaEBState(params, opt_state, state.step + 1), info
+
+    def _guarded(self, state, key_steps, support, query, *, config: _Config):
+        """One step of a run. A step that is not ok leaves the state where it was, so the
+        diagnosis sees the globals that produced the failure."""
+        new_state, info = self._update(state, jax.random.fold_in(key_steps, state.step),
+                                       support, query, config=config)
+        state = jax.tree.map(lambda new, old: jnp.where(info.ok, new, old), new_state, state)
+        return state, info
+
+    def _chunk(self, state, key_steps, num_active, support, query, *, config: _Config,
+               length: int):
+        """Up to ``length`` steps in one compiled loop (``num_active`` of them, fewer if a
+        step fails), their infos in a buffer of ``length`` (a dynamic count keeps one
+        compiled program for every chunk, the last shorter one included)."""
+        shapes = jax.eval_shape(lambda s: self._guarded(s, key_steps, support, query,
+                                                        config=config)[1], state)
+        buffer = jax.tree.map(lambda s: jnp.zeros((length, *s.shape), s.dtype), shapes)
+
+        def cond(carry):
+            i, _, infos = carry
+            return (i < num_active) & ((i == 0) | infos.ok[jnp.maximum(i - 1, 0)])
+
+        def body(carry):
+            i, state, infos = carry
+            state, info = self._guarded(state, key_steps, support, query, config=config)
+            infos = jax.tree.map(lambda b, x: b.at[i].set(x), infos, info)
+            return i + 1, state, infos
+
+        count, state, infos = jax.lax.while_loop(cond, body, (jnp.asarray(0), state, buffer))
+        return state, infos, jnp.arange(length) < count
+
+    # -- fitting --------------------------------------------------------------------------
+    def run(self, rng_key, num_steps: int, support: Mapping[str, Any] | None = None,
+            query: Mapping[str, Any] | None = None, *, task_source: TaskSource | None = None,
+            task_batch_size: int | None = None, progress_bar: bool = True,
+            init_params: Mapping[str, Any] | None = None,
+            init_state: MetaEBState | None = None, loss_rtol: float = 1e-4,
+            grad_rtol: float = 1e-3) -> MetaEBResult:
         """Maximise the objective for ``num_steps`` optimiser steps.
 
+        Args:
+            rng_key: PRNG key (start, task batches, episodes).
+            num_steps: optimiser steps (a positive integer).
+            support: fixed support data (the model's keyword arguments, task-major).
+            query: fixed query data (``maml``/``llama``).
+            task_source: instead of ``support``/``query``, fresh episodes each step: a
+                function ``(rng_key, step) -> (support, query)`` (called with
+                ``fold_in(key_source, step)``, ``key_source = split(rng_key, 3)[2]``) or an iterator of ``(support, query)`` pairs.
+                Shapes must stay fixed (no retrace).
+            task_batch_size: optimise on random batches of this many tasks.
+            progress_bar: a bar on a terminal, plain lines elsewhere.
+            init_params: constrained start values of some or all globals.
+            init_state: go on from a previous ``result.state`` (``init_params`` ignored);
+                ``run(key, k)`` then ``run(key, m, init_state=...)`` equals ``run(key, k + m)``.
+            loss_rtol: outer convergence: bound on the relative change of the windowed loss.
+            grad_rtol: outer convergence: bound on ‖∇‖ / max(1, |loss|).
+
         Raises:
-            FloatingPointError: the objective became non-finite; the message names the step
-                and the tasks whose inner solve diverged or whose curvature is not positive
-                definite.
+            FloatingPointError: the objective became non-finite, or its gradient overflows;
+                the message names the step and the tasks whose inner solve diverged or whose
+                curvature is not positive definite.
+
+        Warns:
+            UserWarning: once per kind and run, inner solves that diverged or did not converge
+                (tasks, step and a remedy with numbers); an outer optimisation that has not
+                converged; a scale at its boundary 0.
         """
-        spec = self.marginal.check(support, query, rng_key=rng_key)
-        num_tasks = spec.subsample_size
-        if task_batch_size is not None and not 0 < task_batch_size <= num_tasks:
-            raise ValueError(f"task_batch_size must be in 1..{num_tasks}, got {task_batch_size}")
-        if task_batch_size is not None and spec.size != spec.subsample_size:
-            raise ValueError("task_batch_size cannot be combined with a subsampled tasks plate")
+        num_steps = validate.positive_int(num_steps, "num_steps")
+        if task_source is not None and (support is not None or query is not None):
+            raise ValueError("run takes either support/query data or a task_source, not both")
+        if task_source is None and support is None:
+            raise ValueError("run needs support data (or a task_source of fresh episodes)")
         key_init, key_steps = jax.random.split(rng_key)
-        state = self.init(key_init, support, query, init_params)
-        step = self._step_fn(num_tasks, task_batch_size, spec.plate_name)
-        keys = jax.random.split(key_steps, num_steps)
-        losses = np.empty(num_steps)
-        inactive: tuple[str, ...] = ()
-        bar = trange(num_steps, disable=not progress_bar, desc=f"MetaEB {self.marginal.objective}")
-        for i in bar:
-            new_state, value, active = step(state, keys[i], support, query)
-            losses[i] = float(value)
-            if i == 0:
-                inactive = tuple(name for name, flag in active.items() if not bool(flag))
-            if not np.isfinite(losses[i]):
-                raise FloatingPointError(self._failure_report(i, state.params, support, query))
-            state = new_state
-            if progress_bar and (i % 10 == 0 or i == num_steps - 1):
-                bar.set_postfix(loss=f"{losses[i]:.4f}")
+        source = None
+        if task_source is not None:
+            source = _Episodes(task_source, jax.random.split(rng_key, 3)[2])
+            start = 0 if init_state is None else int(init_state.step)
+            support, query = source.get(start)
+        support = validate.task_data(support, "support")
+        query = None if query is None else validate.task_data(query, "query")
+        probe = dict(init_params or {})
+        if init_state is not None:
+            probe = self._constrained(init_state.params, support, query)
+        self.marginal.check(support, query, rng_key=key_init, params=probe or None)
+        config = self._config(support, query, task_batch_size)
+        state = (self.init(key_init, support, query, init_params) if init_state is None
+                 else init_state)
+        monitor = _Monitor(self, config, key_steps)
+        losses: list[np.ndarray] = []
+        with Progress(num_steps, f"MetaEB {self.marginal.objective}",
+                      enabled=progress_bar) as bar:
+            done = 0
+            while done < num_steps:
+                n = min(CHUNK_SIZE, num_steps - done)
+                if source is None:
+                    state, infos, ran = self._chunk_jit(state, key_steps, n, support, query,
+                                                        config=config, length=CHUNK_SIZE)
+                    infos, ran = eb_checks.to_numpy((infos, ran))
+                    step_data = None
+                else:
+                    state, infos, ran, step_data = self._stream(state, source, key_steps, n,
+                                                                config)
+                monitor.check(infos, ran, state, support, query, step_data)
+                losses.append(infos.loss[ran])
+                done += n
+                bar.update(n, loss=f"{float(infos.loss[ran][-1]):.4g}")
+        return self._finish(state, np.concatenate(losses), monitor, support, query,
+                            loss_rtol=loss_rtol, grad_rtol=grad_rtol,
+                            batched=config.batch_size is not None or source is not None)
+
+    def _stream(self, state, source: _Episodes, key_steps, n: int, config: _Config):
+        """``n`` steps on fresh episodes: one dispatch per step, one host sync per chunk."""
+        infos, data = [], []
+        first = int(state.step)  # one host sync per chunk
+        for i in range(n):
+            support, query = source.get(first + i)
+            data.append((support, query))
+            state, info = self._guarded_jit(state, key_steps, support, query, config=config)
+            infos.append(info)
+        infos = eb_checks.to_numpy(jax.tree.map(lambda *x: jnp.stack(x), *infos))
+        # After a refused step the state stays put; the monitor raises on the first one.
+        ran = np.ones(n, bool)
+        return state, infos, ran, data
+
+    def _finish(self, state, losses, monitor: _Monitor, support, query, *, loss_rtol,
+                grad_rtol, batched) -> MetaEBResult:
         params = self._constrained(state.params, support, query)
-        boundary = tuple(n for n in self.boundary_sites(params, support, query)
-                         if n not in inactive) if num_steps else ()
+        inactive = monitor.inactive()
+        convergence = eb_checks.outer_convergence(losses, monitor.last_grad_norm,
+                                                  loss_rtol=loss_rtol, grad_rtol=grad_rtol,
+                                                  batched=batched)
+        if not convergence.converged:
+            warnings.warn(
+                f"MetaEB: the outer optimisation has not converged after {losses.size} steps: "
+                f"{convergence.describe()}. Run longer (run(..., init_state=result.state) goes "
+                "on from here), lower the learning rate if the loss oscillates, or use "
+                "optax.lbfgs() for a deterministic objective.", stacklevel=3)
+        boundary = tuple(n for n in self._boundary_or_warn(params, support, query)
+                         if n not in inactive)
         if boundary:
             warnings.warn(
                 f"MetaEB: the estimate of {', '.join(boundary)} is at its boundary 0 (the "
@@ -226,8 +477,16 @@ class MetaEB:
                 "collapses the hierarchy there. Remedies: hyperprior=True (MAP-II) with a prior "
                 "on the scale whose density vanishes at 0, e.g. Gamma(2, rate) (Chung et al. "
                 "2013; a HalfNormal or HalfCauchy prior does not move the mode off 0), or "
-                "full Bayes over the globals with NUTS on meta_marginal(...).", stacklevel=2)
-        return MetaEBResult(params, jnp.asarray(losses), state, inactive, boundary)
+                "full Bayes over the globals with NUTS on meta_marginal(...).", stacklevel=3)
+        return MetaEBResult(params, jnp.asarray(losses), state, inactive, boundary,
+                            convergence)
+
+    def _boundary_or_warn(self, params, support, query) -> tuple[str, ...]:
+        try:
+            return self.boundary_sites(params, support, query)
+        except FloatingPointError as err:
+            warnings.warn(f"MetaEB: {err}", stacklevel=4)
+            return ()
 
     def boundary_sites(self, params: Mapping[str, Any], support, query=None
                        ) -> tuple[str, ...]:
@@ -235,24 +494,34 @@ class MetaEB:
 
         A scale s is at the boundary when loss(s/1000) ≤ loss(s) + 1e-6·(1 + |loss(s)|): the
         objective's supremum is then approached as s → 0, not attained inside the support.
+
+        Raises:
+            FloatingPointError: the comparison cannot be made (the loss at the estimate is
+                not finite, or it is NaN at the shrunk value); never read as "not at 0".
         """
-        sites = self._global_sites(jax.random.PRNGKey(0), support)
-        positive = [n for n, site in sites.items()
+        globals_ = self._global_sites(jax.random.PRNGKey(0), support)
+        positive = [n for n, site in globals_.items()
                     if site["fn"].support in (constraints.positive, constraints.softplus_positive)
                     and n in params]
         if not positive:
             return ()
 
-        @jax.jit
-        def losses(constrained):
-            unconstrained = {n: biject_to(sites[n]["fn"].support).inv(v)
+        def loss_at(constrained):
+            unconstrained = {n: biject_to(globals_[n]["fn"].support).inv(jnp.asarray(v))
                              for n, v in constrained.items()}
-            return self.loss(unconstrained, support, query)
+            return float(self._loss_jit(unconstrained, support, query))
 
-        base = float(losses(dict(params)))
+        base = loss_at(dict(params))
+        if not np.isfinite(base):
+            raise FloatingPointError(f"boundary check impossible: the loss at the estimate is "
+                                     f"{base} (globals {_rounded(params)})")
         out = []
         for name in positive:
-            shrunk = float(losses({**params, name: jnp.asarray(params[name]) * 1e-3}))
+            shrunk = loss_at({**params, name: jnp.asarray(params[name]) * 1e-3})
+            if np.isnan(shrunk):
+                raise FloatingPointError(
+                    f"boundary check impossible for {name}: the loss is NaN at {name}/1000 = "
+                    f"{np.asarray(params[name]) * 1e-3}, so whether {name} sits at 0 is unknown")
             if shrunk <= base + 1e-6 * (1 + abs(base)):
                 out.append(name)
         return tuple(out)
@@ -279,28 +548,36 @@ class MetaEB:
                 return biject_to(msg["fn"].support)(params[msg["name"]])
             return None
 
-        sites = self._global_sites(jax.random.PRNGKey(0), support, substitute_fn)
-        return {name: sites[name]["value"] for name in params}
+        with numpyro.validation_enabled(False):
+            found = self._global_sites(jax.random.PRNGKey(0), support, substitute_fn)
+        return {name: found[name]["value"] for name in params}
 
-    def _failure_report(self, step: int, params, support, query) -> str:
-        tr = self._trace(params, support, query)
-        lines = [f"MetaEB: the objective is not finite at step {step}."]
-        values = tr[OBJECTIVE_SITE]["fn"].log_prob(tr[OBJECTIVE_SITE]["value"]).reshape(-1)
-        bad = np.nonzero(~np.isfinite(np.asarray(values)))[0]
-        lines.append(f"non-finite task objective(s) at task index(es) {bad[:20].tolist()}")
-        if "hbm_curvature_min_eigenvalue" in tr:
-            eig = np.asarray(tr["hbm_curvature_min_eigenvalue"]["value"])
-            not_pd = np.nonzero(~(eig > 0))[0]
-            if not_pd.size:
-                lines.append(f"curvature not positive definite for task(s) {not_pd[:20].tolist()}"
-                             f" (smallest eigenvalues {eig[not_pd[:5]].round(6).tolist()}); "
-                             "use a PSD curvature or a convex task loss")
-        converged = np.asarray(tr["hbm_inner_converged"]["value"])
-        if not converged.all():
-            lines.append(f"inner solver did not converge / diverged for task(s) "
-                         f"{np.nonzero(~converged)[0][:20].tolist()}; reduce step_size or "
-                         "raise max_steps")
-        constrained = {k: np.asarray(tr[k]["value"]).round(4).tolist() for k in params}
+    def failure_report(self, step: int, params, support, query, reason: str) -> str:
+        """The library's diagnosis of a refused step (argument validation off, so an
+        invalid value cannot replace it with NumPyro's own error)."""
+        lines = [f"MetaEB: step {step} was refused: {reason}."]
+        with numpyro.validation_enabled(False):
+            tr = self._trace(params, support, query)
+            values = tr[sites.OBJECTIVE]["fn"].log_prob(tr[sites.OBJECTIVE]["value"])
+            values = np.asarray(values).reshape(-1)
+            bad = np.nonzero(~np.isfinite(values))[0]
+            if bad.size:
+                lines.append(f"non-finite task objective(s) at task index(es) "
+                             f"{bad[:20].tolist()}")
+            if sites.CURVATURE_MIN_EIGENVALUE in tr:
+                eig = np.asarray(tr[sites.CURVATURE_MIN_EIGENVALUE]["value"])
+                not_pd = np.nonzero(~(eig > 0))[0]
+                if not_pd.size:
+                    lines.append(
+                        f"curvature not positive definite for task(s) {not_pd[:20].tolist()} "
+                        f"(smallest eigenvalues {eig[not_pd[:5]].round(6).tolist()}); use a "
+                        "PSD curvature (ggn, kfac) or a convex task loss")
+            converged = np.asarray(tr[sites.INNER_CONVERGED]["value"])
+            if not converged.all():
+                lines.append(f"inner solver did not converge / diverged for task(s) "
+                             f"{np.nonzero(~converged)[0][:20].tolist()}; "
+                             + _inner_remedy(self.inner))
+            constrained = {k: np.asarray(tr[k]["value"]).round(4).tolist() for k in params}
         lines.append(f"globals at that step: {constrained}")
         return "\n".join(lines)
 
@@ -313,6 +590,7 @@ class MetaEB:
         under MAML's implicit prior, the implicit prior's precision plus the Hessian of the
         support negative log-likelihood at φ̂_j (Grant et al. 2018, §3.2 and §4).
         """
+        support = validate.task_data(support, "support")
         context = context_at(self.model, params, support)
         phi_hat, precision = self._laplace_gaussian_jit(dict(params), support)
         # HVP-built Hessians are symmetric only up to roundoff.
@@ -335,17 +613,22 @@ class MetaEB:
                           query: Mapping[str, Any] | None = None):
         """ArviZ ``InferenceData`` of a fit: the point-estimated globals (repeated, sd 0) and
         ``num_samples`` draws of every task site from :meth:`task_posterior`, with a ``tasks``
-        dimension (see :func:`numpyro_hbmeta.to_inference_data`)."""
+        dimension (see :func:`numpyro_hbmeta.to_inference_data`). Globals the objective does
+        not depend on (``result.inactive_sites``) are not estimates and are left out."""
         from numpyro_hbmeta.inference_data import to_inference_data
         from numpyro_hbmeta.results import FitResult
 
         rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
         draws = self.sample_posterior(rng_key, result.params, support, num_samples)
-        fit = FitResult(self.marginal.objective, self.model, dict(support),
-                        {k: np.asarray(v)[None] for k, v in draws.items()},
-                        point_sites=tuple(result.params),
-                        info={"final_loss": float(result.losses[-1])} if len(result.losses)
-                        else {}, approximate="point estimate of the globals (empirical Bayes)")
+        samples = {k: np.asarray(v)[None] for k, v in draws.items()
+                   if k not in result.inactive_sites}
+        info: dict[str, Any] = {"inactive_sites": result.inactive_sites}
+        if len(result.losses):
+            info["final_loss"] = float(result.losses[-1])
+        fit = FitResult(self.marginal.objective, self.model, dict(support), samples,
+                        point_sites=tuple(n for n in result.params
+                                          if n not in result.inactive_sites),
+                        info=info, approximate="point estimate of the globals (empirical Bayes)")
         return to_inference_data(fit, task_labels=task_labels, query=query)
 
     def _laplace_gaussian(self, params, support):
@@ -362,9 +645,162 @@ class MetaEB:
                          num_samples: int) -> dict[str, jnp.ndarray]:
         """Draws of every task site (constrained) from :meth:`task_posterior`, plus the
         globals repeated, each with a leading (num_samples,) axis."""
+        num_samples = validate.positive_int(num_samples, "num_samples")
         posterior = self.task_posterior(params, support)
         draws = posterior.to_sites(posterior.sample(rng_key, (num_samples,)))
         for name, value in params.items():
             value = jnp.asarray(value)
             draws[name] = jnp.broadcast_to(value, (num_samples, *value.shape))
         return draws
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path, result: MetaEBResult) -> None:
+        """Write a fit to ``path`` (``.npz``): the globals, the optimiser state, the step,
+        the losses, the checks and the driver's settings (see :mod:`numpyro_hbmeta.persist`)."""
+        from numpyro_hbmeta.persist import save_fit
+
+        save_fit(path, self, result)
+
+    @classmethod
+    def load(cls, path, model: Callable, *, optimizer: optax.GradientTransformation | None = None
+             ) -> tuple[MetaEB, MetaEBResult]:
+        """Read a fit written by :meth:`save`: the driver (rebuilt from the saved settings on
+        ``model``, with ``optimizer`` of the same structure as the saved state; default
+        Adam) and the result, ready for ``sample_posterior`` or ``run(init_state=...)``."""
+        from numpyro_hbmeta.persist import load_fit
+
+        return load_fit(path, model, optimizer=optimizer, driver_class=cls)
+
+
+class _Episodes:
+    """A ``task_source``: a function ``(key, step) -> (support, query)`` or an iterator."""
+
+    def __init__(self, source: TaskSource, key) -> None:
+        self.key = key
+        self.function = source if callable(source) and not isinstance(source, Iterator) \
+            else None
+        self.iterator = None if self.function is not None else iter(source)
+        self._held: tuple[int, Any] | None = None
+
+    def get(self, step: int):
+        if self.function is not None:
+            out = self.function(jax.random.fold_in(self.key, step), step)
+        elif self._held is not None and self._held[0] == step:
+            out = self._held[1]
+        else:
+            try:
+                out = next(self.iterator)
+            except StopIteration:
+                raise ValueError(f"task_source ran out of episodes at step {step}") from None
+            self._held = (step, out)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError(f"task_source must give (support, query) pairs; at step {step} it "
+                            f"gave {type(out).__name__}")
+        support, query = out
+        return (validate.task_data(support, "task_source support"),
+                None if query is None else validate.task_data(query, "task_source query"))
+
+
+class _Monitor:
+    """Reads each chunk's ``StepInfo`` on the host: raises on refused steps, warns once per
+    kind about inner solves, and keeps what the end of the run needs."""
+
+    def __init__(self, driver: MetaEB, config: _Config, key_steps) -> None:
+        self.driver, self.config, self.key_steps = driver, config, key_steps
+        self.warned: set[str] = set()
+        self.active: dict[str, bool] = {}
+        self.last_grad_norm = float("nan")
+
+    def inactive(self) -> tuple[str, ...]:
+        return tuple(n for n, flag in self.active.items() if not flag)
+
+    def check(self, infos: StepInfo, ran: np.ndarray, state: MetaEBState, support, query,
+              step_data) -> None:
+        steps = int(state.step) - int(ran.sum()) + np.arange(int(ran.sum()))
+        for name, flags in infos.active.items():
+            self.active[name] = self.active.get(name, False) or bool(flags[ran].any())
+        bad = np.nonzero(ran & ~infos.ok)[0]
+        if bad.size:
+            self._refuse(infos, int(bad[0]), int(state.step), state, support, query, step_data)
+        if ran.any():
+            self.last_grad_norm = float(infos.grad_norm[ran][-1])
+        for kind, counts, tasks in (("diverged", infos.num_diverged, infos.diverged_tasks),
+                                    ("unconverged", infos.num_unconverged,
+                                     infos.unconverged_tasks)):
+            hit = np.nonzero(ran & (counts > 0))[0]
+            if hit.size and kind not in self.warned:
+                self.warned.add(kind)
+                data = step_data[hit[0]] if step_data is not None else (support, query)
+                self._warn(kind, int(steps[hit[0]]), eb_checks.task_list(tasks[hit]),
+                           int(counts[hit].max()), state, *data)
+
+    def _refuse(self, infos, index, step, state, support, query, step_data) -> None:
+        threshold = eb_checks.overflow_threshold(infos.grad_norm.dtype)
+        reason = eb_checks.nonfinite_reason(float(infos.loss[index]),
+                                            float(infos.grad_norm[index]), threshold)
+        if step_data is not None:
+            support, query = step_data[index]
+        driver = self.driver
+        message = driver.failure_report(step, state.params, support, query, reason)
+        tasks = eb_checks.task_list(infos.diverged_tasks[index])
+        if tasks and isinstance(driver.inner, TruncatedGD):
+            message += "\n" + self._step_size_remedy(state, support, tasks)
+        raise FloatingPointError(message)
+
+    def _warn(self, kind, step, tasks, count, state, support, query) -> None:
+        inner = self.driver.inner
+        if kind == "diverged":
+            what = ("the inner gradient descent diverged (its loss rose)"
+                    if isinstance(inner, TruncatedGD)
+                    else "Newton's iterates became non-finite")
+            remedy = (self._step_size_remedy(state, support, tasks)
+                      if isinstance(inner, TruncatedGD) else _inner_remedy(inner))
+        else:
+            what = f"Newton did not converge within max_steps={inner.max_steps}"
+            remedy = _inner_remedy(inner)
+        warnings.warn(f"MetaEB: at step {step}, {what} for {count} task(s), e.g. {tasks}. "
+                      f"{remedy}", stacklevel=4)
+
+    def _step_size_remedy(self, state, support, tasks) -> str:
+        """"β = 0.3 but 1/λ_max = 0.02 for task 4": λ_max of the task's inner-loss Hessian
+        at its start, at the current globals."""
+        inner = self.driver.inner
+        try:
+            lam = _lambda_max(self.driver, state.params, support, tasks)
+        except (ValueError, FloatingPointError, TypeError) as err:  # reported, not hidden
+            return f"(the step-size bound could not be computed: {err})"
+        worst = int(np.argmax(lam))
+        bound = 1.0 / float(lam[worst]) if lam[worst] > 0 else float("inf")
+        return (f"β = {inner.step_size:g} but 1/λ_max = {bound:.3g} for task {tasks[worst]} "
+                f"(λ_max: the largest eigenvalue of that task's inner-loss Hessian at the "
+                f"current globals). Use TruncatedGD(step_size < {bound:.3g}); below "
+                f"{0.5 * bound:.3g} the loss falls monotonically on a quadratic, and MAML's "
+                "implicit prior exists only for β·λ < 1.")
+
+
+def _lambda_max(driver: MetaEB, params, support, tasks) -> np.ndarray:
+    """Largest eigenvalue of the inner loss's Hessian at φ⁰ for ``tasks`` (eager)."""
+    from numpyro_hbmeta import inner as inner_module
+
+    constrained = driver._constrained(params, support, None)
+    subset = take_tasks(support, jnp.asarray(tasks))
+    with numpyro.validation_enabled(False):
+        context = context_at(driver.model, constrained, subset)
+        loss = driver.marginal.inner_loss(context, subset)
+        if hasattr(inner_module, "max_eigenvalue"):
+            return np.asarray(inner_module.max_eigenvalue(loss, context.phi0))
+        hessians = hessian_blocks(loss, context.phi0)
+        return np.asarray(linalg.eigvalsh(hessians)[:, -1])
+
+
+def _inner_remedy(inner) -> str:
+    if isinstance(inner, Newton):
+        return (f"Raise Newton(max_steps=...) (now {inner.max_steps}), or start the globals "
+                "nearer the data with init_params.")
+    return (f"Reduce TruncatedGD's step_size (now {inner.step_size:g}) or its num_steps "
+            f"(now {inner.num_steps}).")
+
+
+def _rounded(params) -> dict[str, Any]:
+    return {k: np.round(np.asarray(v, np.float64), 4).tolist() for k, v in params.items()}
+
