@@ -9,6 +9,7 @@ import pytest
 from numpyro.infer.util import log_density
 
 import numpyro_hbmeta as hbm
+from numpyro_hbmeta.inner import max_eigenvalue, stable_step_size
 
 SIGMA = 0.3
 
@@ -134,3 +135,101 @@ def test_newton_gradient_is_implicit_function_theorem(x64):
 def test_truncated_gd_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         hbm.TruncatedGD(**kwargs)
+
+
+def scaled_quadratic(curvatures, centres):
+    """ℓ_j(φ) = ½ Σ_i λ_ji (φ_i − c_ji)²: GD multiplies each error by 1 − βλ_ji per step."""
+    return lambda phi: 0.5 * jnp.sum(curvatures * (phi - centres) ** 2, -1)
+
+
+def test_truncated_gd_flags_exactly_the_tasks_past_the_stability_bound(x64):
+    # β = 1, βλ per task: below 1, oscillating but contracting (1.5, 1.9), diverging (2.1, 3).
+    beta_lambda = jnp.array([0.5, 1.5, 1.9, 2.1, 3.0])
+    curvatures = jnp.stack([beta_lambda, jnp.full(5, 0.5)], -1)
+    centres = jnp.ones((5, 2))
+    loss = scaled_quadratic(curvatures, centres)
+    phi, info = jax.jit(hbm.TruncatedGD(5, 1.0).solve, static_argnums=0)(loss, jnp.zeros((5, 2)))
+    np.testing.assert_allclose(phi, centres - (1 - curvatures) ** 5, rtol=1e-12)
+    assert info.diverged.tolist() == [False, False, False, True, True]
+    assert info.converged.tolist() == [True, True, True, False, False]
+    assert info.diverged_at.tolist() == [0, 0, 0, 1, 1]  # the loss rises from the first step
+    np.testing.assert_allclose(info.final_loss, loss(phi), rtol=1e-12)
+    _, info = hbm.TruncatedGD(5, 0.5).solve(loss, jnp.zeros((5, 2)))  # βλ ≤ 1.5: stable
+    assert not info.diverged.any() and info.converged.all()
+
+
+def test_truncated_gd_flags_a_rise_after_the_loss_fell(x64):
+    # Direction 1 (βλ = 1) carries the loss and is solved in one step; direction 2 (βλ = 2.1)
+    # starts 1e-3 off and grows by 1.21 per step: the loss falls 50 → 5e-7, then rises, and
+    # ends far below the start, so only the per-step test can see it.
+    loss = scaled_quadratic(jnp.array([[1.0, 2.1]]), jnp.array([[10.0, 1e-3]]))
+    _, info = hbm.TruncatedGD(6, 1.0).solve(loss, jnp.zeros((1, 2)))
+    assert float(info.final_loss[0]) < 1e-3 * float(info.loss[0])
+    assert info.diverged.tolist() == [True] and info.diverged_at.tolist() == [2]
+
+
+def test_truncated_gd_flags_overflow_and_stays_quiet_at_the_optimum(x64):
+    # βλ = 3 for 700 steps: |1 − βλ|^700 = 2^700 overflows the loss to inf.
+    loss = scaled_quadratic(jnp.array([[3.0], [3.0]]), jnp.array([[1.0], [0.0]]))
+    _, info = hbm.TruncatedGD(700, 1.0).solve(loss, jnp.zeros((2, 1)))
+    assert not np.isfinite(info.final_loss[0]) and info.diverged.tolist() == [True, False]
+    assert info.diverged_at[0] == 1 and info.converged.tolist() == [False, True]
+    _, info = hbm.TruncatedGD(0, 1.0).solve(loss, jnp.array([[jnp.inf], [0.0]]))
+    assert info.diverged.tolist() == [True, False]
+
+
+def dense_task_hessians(loss, phi):
+    """Per-task Hessians from the dense (tasks·d)² Hessian of Σ_j ℓ_j, as a NumPy reference."""
+    num_tasks, dim = phi.shape
+    dense = np.asarray(jax.jit(jax.hessian(lambda p: loss(p.reshape(phi.shape)).sum()))(
+        phi.ravel()))
+    return np.stack([dense[j * dim:(j + 1) * dim, j * dim:(j + 1) * dim]
+                     for j in range(num_tasks)])
+
+
+def test_max_eigenvalue_exact_against_numpy(tanh_data):
+    support, _ = tanh_data
+    phi = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)))
+    loss = lambda p: jax.vmap(nll)(p, support["x"], support["y"])  # noqa: E731
+    eigenvalues = np.linalg.eigvalsh(dense_task_hessians(loss, phi))
+    largest = np.where(np.abs(eigenvalues[:, -1]) >= np.abs(eigenvalues[:, 0]),
+                       eigenvalues[:, -1], eigenvalues[:, 0])
+    largest_of = jax.jit(max_eigenvalue, static_argnums=0)
+    np.testing.assert_allclose(largest_of(loss, phi), largest, rtol=1e-12)
+    # Signed: an indefinite block whose largest magnitude is negative.
+    quadratic = scaled_quadratic(jnp.array([[1.0, -5.0], [4.0, 2.0]]), jnp.zeros((2, 2)))
+    np.testing.assert_allclose(largest_of(quadratic, jnp.ones((2, 2))), [-5.0, 4.0],
+                               rtol=1e-14)
+
+
+def test_max_eigenvalue_power_iteration_against_exact(x64):
+    # d = 80 > 64: power iteration. Spectra with λ_2/λ_1 = 0.8, so the Rayleigh quotient's
+    # error after 100 iterations is ≲ tan²∠(v⁰, u_1) · 0.8^200 ≈ d · 4e-20: rounding only.
+    # The looser 1e-9 allows for the HVP's rounding over 80 terms and a near-orthogonal start.
+    rng = np.random.default_rng(0)
+    dim, num_tasks = 80, 3
+    spectra = rng.uniform(0.1, 0.8, size=(num_tasks, dim))
+    spectra[:, 0] = 1.0
+    spectra *= np.array([[2.0], [30.0], [0.5]])
+    rotations = np.linalg.qr(rng.normal(size=(num_tasks, dim, dim)))[0]
+    matrices = np.einsum("jik,jk,jlk->jil", rotations, spectra, rotations)
+    loss = lambda p: 0.5 * jnp.einsum("ji,jik,jk->j", p, matrices, p)  # noqa: E731
+    phi = jnp.asarray(rng.normal(size=(num_tasks, dim)))
+    power = jax.jit(max_eigenvalue, static_argnums=0)(loss, phi)
+    exact = jax.jit(max_eigenvalue, static_argnums=0, static_argnames="max_exact_dim")(
+        loss, phi, max_exact_dim=dim)
+    np.testing.assert_allclose(exact, np.linalg.eigvalsh(matrices)[:, -1], rtol=1e-12)
+    np.testing.assert_allclose(power, exact, rtol=1e-9)
+    np.testing.assert_allclose(power, [2.0, 30.0, 0.5], rtol=1e-9)
+
+
+def test_stable_step_size_keeps_gd_contracting(x64):
+    curvatures = jnp.array([[50.0, 1.0], [2.0, 0.1]])
+    loss = scaled_quadratic(curvatures, jnp.ones((2, 2)))
+    lambda_max = jax.jit(max_eigenvalue, static_argnums=0)(loss, jnp.zeros((2, 2)))
+    step_size = stable_step_size(lambda_max, margin=0.5)
+    np.testing.assert_allclose(step_size, [0.01, 0.25], rtol=1e-14)
+    _, info = hbm.TruncatedGD(20, float(step_size.min())).solve(loss, jnp.zeros((2, 2)))
+    assert not info.diverged.any()
+    with pytest.raises(ValueError, match="margin"):
+        stable_step_size(lambda_max, margin=2.5)
