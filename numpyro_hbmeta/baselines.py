@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 
+from numpyro_hbmeta import validate
 from numpyro_hbmeta.curvature import FullCurvature
 from numpyro_hbmeta.eb import MetaEB
 from numpyro_hbmeta.handler import meta_marginal
@@ -46,6 +47,9 @@ def _numpy(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _mcmc(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: int,
           num_samples: int, num_chains: int, progress_bar: bool) -> tuple[MCMC, float]:
+    num_warmup = validate.non_negative_int(num_warmup, "num_warmup")
+    num_samples = validate.positive_int(num_samples, "num_samples")
+    num_chains = validate.positive_int(num_chains, "num_chains")
     chains = max(1, min(num_chains, jax.local_device_count()))
     if chains < num_chains:
         chain_method = "sequential"
@@ -76,6 +80,7 @@ def run_nuts(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: i
              ) -> FitResult:
     """NUTS on the full model. Chains run in parallel when host devices allow
     (``numpyro.set_host_device_count``), else one after another."""
+    data = validate.task_data(data, "data")
     mcmc, elapsed = _mcmc(model, data, rng_key, num_warmup=num_warmup, num_samples=num_samples,
                           num_chains=num_chains, progress_bar=progress_bar)
     stats, info = _nuts_stats(mcmc)
@@ -105,9 +110,10 @@ def run_nuts_marginal(model: Callable, data: Mapping[str, Any], rng_key, *,
                       inner: Newton | None = None, progress_bar: bool = True) -> FitResult:
     """NUTS over θ on the Laplace marginal; task draws from the Laplace Gaussian per draw."""
     inner = Newton() if inner is None else inner
+    data = validate.task_data(data, "data")
     key_mcmc, key_tasks = jax.random.split(rng_key)
     marginal = meta_marginal(model, inner=inner, objective="laplace")
-    spec = marginal.check(data)
+    spec = marginal.check(data)  # data, shapes, independent tasks: before sampling
     mcmc, elapsed = _mcmc(lambda **d: marginal(d), data, key_mcmc, num_warmup=num_warmup,
                           num_samples=num_samples, num_chains=num_chains,
                           progress_bar=progress_bar)
@@ -130,6 +136,10 @@ def run_svi(model: Callable, data: Mapping[str, Any], rng_key, *, guide: str = "
     """SVI with an autoguide (``"normal"``, ``"lowrank"`` or ``"delta"``)."""
     if guide not in GUIDES:
         raise ValueError(f"guide must be one of {tuple(GUIDES)}, got {guide!r}")
+    data = validate.task_data(data, "data")
+    num_steps = validate.positive_int(num_steps, "num_steps")
+    num_samples = validate.positive_int(num_samples, "num_samples")
+    learning_rate = validate.positive_number(learning_rate, "learning_rate")
     auto = GUIDES[guide](model)
     svi = SVI(model, auto, optax.adam(learning_rate), Trace_ELBO())
     key_fit, key_draws = jax.random.split(rng_key)

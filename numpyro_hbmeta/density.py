@@ -18,13 +18,23 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 
 from numpyro_hbmeta.introspect import TaskSpec
+from numpyro_hbmeta.validate import InputError
 
-__all__ = ["TaskLogDensity", "flatten", "task_log_density", "unflatten"]
+__all__ = [
+    "IndependenceProbe",
+    "TaskLogDensity",
+    "check_task_independence",
+    "flatten",
+    "probe_task_independence",
+    "task_log_density",
+    "unflatten",
+]
 
 
 class TaskLogDensity(NamedTuple):
@@ -61,7 +71,7 @@ def per_task_sum(x: jnp.ndarray, spec: TaskSpec, name: str) -> jnp.ndarray:
     """Sum a site's batch-shaped log density over every axis but the task axis."""
     x = jnp.asarray(x)
     if x.ndim < -spec.plate_dim or x.shape[spec.plate_dim] != spec.subsample_size:
-        raise ValueError(
+        raise InputError(
             f"site {name!r}: its log density has shape {x.shape}, with no task axis of size "
             f"{spec.subsample_size} at dim {spec.plate_dim}; a task site must depend on its task"
         )
@@ -116,7 +126,7 @@ def task_log_density(model: Callable, spec: TaskSpec, globals_: Mapping[str, jnp
             return constrain(msg["fn"], unconstrained[name])
         if name in globals_:
             return globals_[name]
-        raise ValueError(f"latent site {name!r} appeared in a re-run of the model but not in "
+        raise InputError(f"latent site {name!r} appeared in a re-run of the model but not in "
                          "its first trace; the model's structure must not depend on values")
 
     tr = trace_substituted(model, data, substitute_fn)
@@ -141,29 +151,86 @@ def _sum_task_sites(tr, spec: TaskSpec, unconstrained) -> TaskLogDensity:
     return TaskLogDensity(log_lik, log_prior)
 
 
-def check_task_independence(log_density: Callable[[jnp.ndarray], jnp.ndarray],
-                            phi: jnp.ndarray, rng_key: jnp.ndarray) -> None:
+class IndependenceProbe(NamedTuple):
+    """Per-task values at a probe point Φ along a random direction V, each (tasks,).
+
+    Attributes:
+        log_density: ℓ_j(Φ).
+        directional: the derivative of ℓ_j along V (all tasks moved at once).
+        separate: ⟨∇_{φ_j} Σ_i ℓ_i, V_j⟩, what ``directional`` is without coupling.
+        grad_finite: whether ∇_{φ_j} Σ_i ℓ_i is finite.
+    """
+
+    log_density: jnp.ndarray
+    directional: jnp.ndarray
+    separate: jnp.ndarray
+    grad_finite: jnp.ndarray
+
+
+def _probe(model, spec, static_data, globals_, indices, arrays, phi, direction):
+    data = {**arrays, **dict(static_data)}
+
+    def log_joint(p):
+        return task_log_density(model, spec, globals_, indices, data, p).log_joint
+
+    values = log_joint(phi)
+    grads = jax.grad(lambda p: log_joint(p).sum())(phi)
+    _, directional = jax.jvp(log_joint, (phi,), (direction,))
+    return IndependenceProbe(values, directional, jnp.sum(grads * direction, axis=-1),
+                             jnp.all(jnp.isfinite(grads), axis=-1))
+
+
+# Compiled once per (model, task structure, non-array arguments) and data shapes: a closure
+# over the data would be a new function, hence a new compilation, on every call.
+_probe_jit = jax.jit(_probe, static_argnums=(0, 1, 2))
+
+
+def probe_task_independence(model: Callable, spec: TaskSpec,
+                            globals_: Mapping[str, jnp.ndarray], indices: jnp.ndarray,
+                            data: Mapping[str, Any], phi: jnp.ndarray,
+                            rng_key: jnp.ndarray) -> IndependenceProbe:
+    """Evaluate the per-task log joint and its derivatives at Φ = ``phi`` along a random
+    direction (see :func:`check_task_independence`). Arguments as :func:`task_log_density`."""
+    phi = jnp.asarray(phi)
+    if not jnp.issubdtype(phi.dtype, jnp.inexact):
+        phi = phi.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
+    direction = jax.random.normal(rng_key, phi.shape, phi.dtype)
+    arrays = {k: v for k, v in data.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
+    static_data = tuple((k, v) for k, v in data.items() if k not in arrays)
+    try:
+        hash((model, spec, static_data))
+    except TypeError:  # an unhashable non-array argument: evaluate without compiling
+        return _probe(model, spec, static_data, globals_, indices, arrays, phi, direction)
+    return _probe_jit(model, spec, static_data, dict(globals_), indices, arrays, phi, direction)
+
+
+def check_task_independence(probe: IndependenceProbe, *, where: str = "") -> None:
     """Raise if task j's log density depends on another task's parameters.
 
     Batched Hessian-vector products give every task's Hessian at once only when
     ℓ_j depends on φ_j alone. Then the directional derivative of ℓ_j along a random V equals
-    ⟨∇_{φ_j} Σ_i ℓ_i, V_j⟩; a coupling term breaks the equality (with probability one).
-    Needs concrete values: call it eagerly, outside ``jit``.
+    ⟨∇_{φ_j} Σ_i ℓ_i, V_j⟩; a coupling term breaks the equality (with probability one). A
+    probe point where ℓ_j or its gradient is not finite says nothing about coupling and is
+    reported as what it is.
+
+    Args:
+        probe: from :func:`probe_task_independence` (concrete values).
+        where: the probe point, for messages (e.g. ``"θ = ..., φ = E[φ | θ]"``).
     """
-    direction = jax.random.normal(rng_key, phi.shape, phi.dtype)
-
-    @jax.jit
-    def derivatives(phi, direction):
-        grads = jax.grad(lambda p: log_density(p).sum())(phi)
-        _, directional = jax.jvp(log_density, (phi,), (direction,))
-        return directional, jnp.sum(grads * direction, axis=-1)
-
-    directional, separate = derivatives(phi, direction)
-    gap = jnp.abs(directional - separate)
-    tol = 1e-4 * (1.0 + jnp.abs(separate))
-    coupled = jnp.nonzero(~(gap <= tol))[0]
+    values, directional, separate = (np.asarray(x) for x in probe[:3])
+    finite = np.isfinite(values) & np.asarray(probe.grad_finite) & np.isfinite(directional)
+    if not finite.all():
+        bad = np.nonzero(~finite)[0]
+        raise InputError(
+            f"the log density of task(s) {bad[:10].tolist()} (or its gradient) is not finite "
+            f"at the probe point {where} (log densities {values[bad[:5]].tolist()}), so the "
+            "check that tasks are independent cannot run there; pass params / init_params "
+            "closer to the data (constrained values of the global sites)")
+    gap = np.abs(directional - separate)
+    tol = 1e-4 * (1.0 + np.abs(separate))
+    coupled = np.nonzero(~(gap <= tol))[0]
     if coupled.size:
-        raise ValueError(
+        raise InputError(
             f"the model couples tasks inside the tasks plate: the log density of task(s) "
             f"{coupled[:10].tolist()} depends on other tasks' parameters (directional derivative "
             f"{directional[coupled[0]]:.6g} vs {separate[coupled[0]]:.6g} with no coupling). Move "

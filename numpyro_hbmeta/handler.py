@@ -35,13 +35,16 @@ import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
+from numpyro.infer.initialization import init_to_uniform
 from numpyro.primitives import Messenger
 
+from numpyro_hbmeta import validate
 from numpyro_hbmeta.curvature import curvature_builder
 from numpyro_hbmeta.density import (
     TaskLogDensity,
     check_task_independence,
     flatten,
+    probe_task_independence,
     task_log_density,
     unflatten,
 )
@@ -73,11 +76,14 @@ def _prior_mean(msg) -> jnp.ndarray:
     if fn.support.is_discrete:
         return fn.sample(jax.random.PRNGKey(0))  # task_spec rejects it with a clear error
     try:
-        mean = fn.mean
+        mean = jnp.asarray(fn.mean)
     except NotImplementedError as err:
-        raise ValueError(
+        raise validate.InputError(
             f"task site {msg['name']!r}: {type(fn).__name__} has no mean, and the inner solver "
             "starts every task at the mean of p(φ_j | θ)") from err
+    if not jnp.issubdtype(mean.dtype, jnp.inexact):
+        # dist.Normal(0, tau): an integer mean; the solvers move in floating point
+        mean = mean.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
     return jnp.broadcast_to(mean, fn.shape())
 
 
@@ -128,7 +134,11 @@ def trace_globals(model: Callable, data: Mapping[str, Any]) -> TaskContext:
 
     Outer handlers (a sampler's substitute, a seed) see and set the global sites only.
     """
-    tr = trace_hidden(model, data)
+    return context_from_trace(trace_hidden(model, data))
+
+
+def context_from_trace(tr: Mapping[str, Any]) -> TaskContext:
+    """The :class:`TaskContext` of a trace of the model with its task sites hidden."""
     spec = task_spec(tr)
     globals_ = {name: tr[name]["value"] for name in spec.global_sites}
     plate_site = tr.get(spec.plate_name)
@@ -140,11 +150,14 @@ def trace_globals(model: Callable, data: Mapping[str, Any]) -> TaskContext:
     return TaskContext(spec, globals_, indices, phi0, transforms)
 
 
-def model_structure(model: Callable, data: Mapping[str, Any]) -> TaskSpec:
+def model_structure(model: Callable, data: Mapping[str, Any], what: str = "data"
+                    ) -> TaskSpec:
     """The model's :class:`TaskSpec` on ``data``, from an abstract (shape-only), isolated run.
 
     Run before the real pass, so a malformed model fails here with a clear error rather than
-    inside an outer handler (e.g. a latent site outside any tasks plate with no value).
+    inside an outer handler (e.g. a latent site outside any tasks plate with no value). An
+    error that JAX or NumPyro raise while the model runs is re-raised naming ``what`` and the
+    shapes of the data.
     """
     found = []
 
@@ -154,13 +167,23 @@ def model_structure(model: Callable, data: Mapping[str, Any]) -> TaskSpec:
             model(**data)
         found.append(task_spec(tr))
 
-    jax.eval_shape(structure)
+    try:
+        with numpyro.validation_enabled(False):  # shapes only; values are checked later
+            jax.eval_shape(structure)
+    except validate.InputError:
+        raise
+    except (ValueError, TypeError, IndexError, AssertionError) as err:
+        shapes = {k: tuple(jnp.shape(v)) if hasattr(v, "shape") else v for k, v in data.items()}
+        raise validate.InputError(
+            f"the model failed on {what} {shapes}: {type(err).__name__}: {err}") from err
     return found[0]
 
 
-def _check_data(model, spec: TaskSpec, data, what: str) -> None:
+def _check_data(model, data, what: str) -> TaskSpec:
     check_model_arguments(model, data, what)
+    spec = model_structure(model, data, what)
     check_task_axis(data, _data_tasks(spec, data), what)
+    return spec
 
 
 def _data_tasks(spec: TaskSpec, data) -> int:
@@ -185,42 +208,51 @@ class MetaMarginal:
                 "prior); use it with objective='llama', or curvature='full'/'diag' for laplace")
         if not isinstance(inner, TruncatedGD | Newton):
             raise TypeError(f"inner must be TruncatedGD(...) or Newton(...), got {inner!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be non-negative, got {eta!r}")
+        if isinstance(inner, TruncatedGD):
+            validate.positive_number(inner.step_size, "TruncatedGD: step_size")
+        eta = validate.positive_number(eta, "eta", allow_zero=True)
         self.model, self.inner, self.objective = model, inner, objective
         self.curvature, self.eta = curvature, eta
+        # Data signatures (tree structure, shapes, dtypes) whose tasks were found independent.
+        self._independent: set[tuple] = set()
 
     def __repr__(self) -> str:
         return (f"meta_marginal({getattr(self.model, '__name__', self.model)!r}, inner="
                 f"{self.inner!r}, objective={self.objective!r}, curvature={self.curvature!r})")
 
     # -- pieces ---------------------------------------------------------------------------
+    def structure(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None
+                  ) -> TaskSpec:
+        """Validate both data sets against the model (shape-only runs); the task structure."""
+        if self.objective in ("maml", "llama") and query is None:
+            raise validate.InputError(f"objective={self.objective!r} scores the query set: "
+                                      "pass marginal(support, query)")
+        if self.objective == "laplace" and query is not None:
+            raise validate.InputError(
+                "objective='laplace' is the evidence of the support data, but a query was "
+                "passed; pass all of a task's data as support (e.g. TaskData.all_data())")
+        spec = _check_data(self.model, support, "support")
+        if query is not None:
+            self._check_query(spec, query)
+        return spec
+
     def context(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None
                 ) -> TaskContext:
         """Trace the globals on ``support`` and validate both data sets against the model."""
-        check_model_arguments(self.model, support, "support")
-        _check_data(self.model, model_structure(self.model, support), support, "support")
-        context = trace_globals(self.model, support)
-        if self.objective in ("maml", "llama") and query is None:
-            raise ValueError(f"objective={self.objective!r} scores the query set: pass "
-                             "marginal(support, query)")
-        if self.objective == "laplace" and query is not None:
-            raise ValueError("objective='laplace' is the evidence of the support data; pass "
-                             "all of a task's data as support (e.g. TaskData.all_data())")
-        if query is not None:
-            self._check_query(context.spec, query)
-        return context
+        self.structure(support, query)
+        return trace_globals(self.model, support)
 
     def _check_query(self, spec: TaskSpec, query) -> None:
         check_model_arguments(self.model, query, "query")
-        query_spec = model_structure(self.model, query)
+        query_spec = model_structure(self.model, query, "query")
         if query_spec.subsample_size != spec.subsample_size:
-            raise ValueError(f"support has {spec.subsample_size} tasks but query has "
-                             f"{query_spec.subsample_size}")
+            raise validate.InputError(f"support has {spec.subsample_size} tasks but query has "
+                                      f"{query_spec.subsample_size}")
         for a, b in zip(spec.task_sites, query_spec.task_sites, strict=True):
             if a.shape != b.shape:
-                raise ValueError(f"task site {a.name!r} has shape {a.shape} on the support "
-                                 f"set but {b.shape} on the query set")
+                raise validate.InputError(
+                    f"task site {a.name!r} has shape {a.shape} on the support set but "
+                    f"{b.shape} on the query set")
         check_task_axis(query, _data_tasks(spec, query), "query")
 
     def inner_loss(self, context: TaskContext, support) -> Callable:
@@ -253,6 +285,14 @@ class MetaMarginal:
     # -- the model ------------------------------------------------------------------------
     def __call__(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None
                  ) -> None:
+        support = validate.task_data(support, "support")
+        query = None if query is None else validate.task_data(query, "query")
+        if not any(isinstance(leaf, jax.core.Tracer)
+                   for leaf in jax.tree_util.tree_leaves((support, query))):
+            # Concrete data: a first trace by NUTS/SVI/Predictive, or an eager call. The
+            # check is cached by data signature; values are checked for NaNs each time.
+            with jax.ensure_compile_time_eval():
+                self.check(support, query)
         context = self.context(support, query)
         phi_hat, info = self.solve(context, support)
         value, min_eigenvalue = self.task_objective(context, phi_hat, support, query)
@@ -276,21 +316,123 @@ class MetaMarginal:
 
     # -- eager checks ---------------------------------------------------------------------
     def check(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None,
-              *, rng_key: jnp.ndarray | None = None) -> TaskSpec:
+              *, rng_key: jnp.ndarray | None = None, params: Mapping[str, Any] | None = None,
+              params_name: str = "params") -> TaskSpec:
         """Validate the data and check that tasks are conditionally independent.
 
-        Runs eagerly (concrete values): the shape and argument checks also run inside
-        ``marginal``, the independence check only here. Drivers call it before fitting.
+        Runs eagerly on concrete data, before anything is traced: the data dicts
+        (:func:`~numpyro_hbmeta.validate.task_data`), their shapes against the model, finite
+        observations wherever they are not masked, and the independence of the tasks (probed
+        at ``params``, with every task at E[φ_j | θ]). The probe is cached: data of the same
+        structure, shapes and dtypes are not probed again. ``marginal(...)`` calls it on its
+        first concrete call (e.g. under NUTS); drivers call it before fitting.
+
+        Args:
+            support, query: the model's keyword arguments, task-major.
+            rng_key: for the random probe direction and for the globals not in ``params``.
+            params: constrained values of global sites at which to probe (e.g. the user's
+                ``init_params`` or the current fit); missing ones start like NumPyro's
+                ``init_to_uniform`` (uniform in (−2, 2) unconstrained, as MetaEB and NUTS).
+            params_name: the name of ``params`` in messages (``"init_params"`` for a driver).
+
+        Returns:
+            The model's :class:`~numpyro_hbmeta.introspect.TaskSpec` on ``support``.
         """
+        support = validate.task_data(support, "support")
+        query = None if query is None else validate.task_data(query, "query")
+        spec = self.structure(support, query)
         rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
         key_globals, key_support, key_query = jax.random.split(rng_key, 3)
-        with handlers.block(), handlers.seed(rng_seed=key_globals):
-            context = self.context(support, query)
-        for data, key in ((support, key_support), (query, key_query)):
-            if data is not None:
-                density = context.log_density(self.model, data)
-                check_task_independence(lambda p, d=density: d(p).log_joint, context.phi0, key)
+        start = _start_values(spec, params, params_name)
+        with numpyro.validation_enabled(False), handlers.block():
+            with handlers.substitute(substitute_fn=start), handlers.seed(rng_seed=key_globals):
+                support_trace = trace_hidden(self.model, support)
+            context = context_from_trace(support_trace)
+            validate.finite_observations(support_trace, support, "support",
+                                         task_dim=spec.plate_dim)
+            if query is not None:
+                with handlers.substitute(data=context.globals_), \
+                        handlers.seed(rng_seed=key_globals):
+                    query_trace = trace_hidden(self.model, query)
+                validate.finite_observations(query_trace, query, "query",
+                                             task_dim=spec.plate_dim)
+            signature = _signature(support, query)
+            if signature not in self._independent:
+                self._check_independence(context, support, query, (key_support, key_query))
+                self._independent.add(signature)
         return context.spec
+
+    def _check_independence(self, context: TaskContext, support, query, keys) -> None:
+        where = "θ = {" + ", ".join(f"{name}: {_short(value)}" for name, value in
+                                    context.globals_.items()) + "}, φ = E[φ | θ]"
+        for data, key in zip((support, query), keys, strict=True):
+            if data is not None:
+                probe = probe_task_independence(self.model, context.spec, context.globals_,
+                                                context.indices, data, context.phi0, key)
+                check_task_independence(probe, where=where)
+
+
+def _start_values(spec: TaskSpec, params: Mapping[str, Any] | None, params_name: str
+                  ) -> Callable:
+    """A ``substitute_fn`` giving each global site its value in ``params`` (checked against
+    the site's shape and support) or NumPyro's ``init_to_uniform`` draw."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(spec.global_sites))
+    if unknown:
+        raise validate.InputError(f"{params_name} has {unknown}, which are not global sites of "
+                                  f"the model (global sites: {list(spec.global_sites)})")
+    values = {}
+    for name, value in params.items():
+        try:
+            value = jnp.asarray(value)
+        except TypeError as err:
+            raise TypeError(f"{params_name}[{name!r}] must be a number or an array, got "
+                            f"{value!r} ({type(value).__name__})") from err
+        if not jnp.issubdtype(value.dtype, jnp.inexact):
+            value = value.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
+        values[name] = value
+
+    def substitute_fn(msg):
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return None
+        name = msg["name"]
+        if name not in values:
+            return init_to_uniform(msg)
+        value, fn = values[name], msg["fn"]
+        expected = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.shape())
+        if value.shape != expected:
+            raise validate.InputError(f"{params_name}[{name!r}] has shape {value.shape}, but "
+                                      f"global site {name!r} has shape {expected}")
+        if not bool(jnp.all(fn.support(value))):
+            raise validate.InputError(
+                f"{params_name}[{name!r}] = {_short(value)} is outside the support of global "
+                f"site {name!r} ({fn.support}); pass a constrained value")
+        return value
+
+    return substitute_fn
+
+
+def _signature(*data) -> tuple:
+    """Tree structure, shapes and dtypes of the data (values of non-array arguments)."""
+    leaves, treedef = jax.tree_util.tree_flatten(data)
+    out = []
+    for leaf in leaves:
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            out.append((tuple(leaf.shape), str(leaf.dtype)))
+        else:
+            try:
+                hash(leaf)
+                out.append(leaf)
+            except TypeError:
+                out.append((type(leaf).__name__, id(leaf)))
+    return treedef, tuple(out)
+
+
+def _short(value) -> str:
+    array = np.asarray(value)
+    text = np.array2string(array.ravel()[:6] if array.size > 6 else array, precision=4,
+                           separator=", ")
+    return text if array.size <= 6 else f"{text[:-1]}, ...] (shape {array.shape})"
 
 
 def meta_marginal(model: Callable, *, inner: TruncatedGD | Newton, objective: str = "laplace",

@@ -14,11 +14,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import MaskedDistribution
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_hbmeta.plate import is_task_frame
+from numpyro_hbmeta.validate import InputError
 
-__all__ = ["SiteSpec", "TaskSpec", "check_model_arguments", "task_spec"]
+__all__ = ["SiteSpec", "TaskSpec", "check_model_arguments", "site_mask", "task_spec"]
 
 
 class SiteSpec(NamedTuple):
@@ -76,18 +79,33 @@ def _is_latent(site: Mapping[str, Any]) -> bool:
     return site["type"] == "sample" and not site["is_observed"]
 
 
+def site_mask(fn) -> np.ndarray | None:
+    """The mask of a site's distribution (``numpyro.handlers.mask``, ``dist.mask``) over its
+    batch shape, as a concrete boolean array; ``None`` when every point counts."""
+    mask = np.ones(tuple(fn.batch_shape), bool)
+    while fn is not None:
+        if isinstance(fn, MaskedDistribution) and fn._mask is not True:
+            # numpyro keeps the mask array (or False) in the private ``_mask``
+            mask = mask & np.broadcast_to(np.asarray(fn._mask, bool), mask.shape)
+        fn = getattr(fn, "base_dist", None)
+    return None if mask.all() else mask
+
+
 def _task_site_spec(site: Mapping[str, Any], frame, offset: int) -> SiteSpec:
     fn, name = site["fn"], site["name"]
     if fn.support.is_discrete:
-        raise ValueError(
-            f"task site {name!r} is discrete ({type(fn).__name__}); task parameters must be "
+        base = fn
+        while getattr(base, "base_dist", None) is not None:  # Independent, Expanded, Masked
+            base = base.base_dist
+        raise InputError(
+            f"task site {name!r} is discrete ({type(base).__name__}); task parameters must be "
             "continuous (the inner solver differentiates through them). Marginalise it in the "
             "model or move it out of the tasks plate."
         )
     shape = tuple(jnp.shape(site["value"]))
     batch_ndim = len(fn.batch_shape)
     if batch_ndim < -frame.dim or fn.batch_shape[frame.dim] != frame.size:
-        raise ValueError(
+        raise InputError(
             f"task site {name!r}: expected a task axis of size {frame.size} at batch dim "
             f"{frame.dim} (tasks plate {frame.name!r}), got batch shape {tuple(fn.batch_shape)}"
         )
@@ -126,16 +144,17 @@ def task_spec(trace: Mapping[str, Mapping[str, Any]]) -> TaskSpec:
             task_sites.append(spec)
             offset += spec.size
     if not frames:
-        raise ValueError(
+        raise InputError(
             "the model has no tasks plate: wrap the per-task sites in "
             "`with numpyro_hbmeta.tasks(num_tasks, dim=...)` so the handler knows which sites "
             "are task parameters"
         )
     if len(frames) > 1:
-        raise ValueError(f"the model uses several tasks plates {sorted(frames)}; use one")
+        raise InputError(f"the model uses several tasks plates {sorted(frames)}; use one")
     (frame,) = frames.values()
     if not task_sites:
-        raise ValueError(f"the tasks plate {frame.name!r} holds no latent task site")
+        raise InputError(f"the tasks plate {frame.name!r} holds no latent task site: put the "
+                         "task parameters φ_j inside it")
     plate_site = trace.get(frame.name)
     size = plate_site["args"][0] if plate_site is not None else frame.size
     return TaskSpec(frame.name, frame.dim, int(size), int(frame.size), tuple(global_sites),
@@ -155,7 +174,7 @@ def check_model_arguments(model: Callable, data: Mapping[str, Any], what: str) -
                    if p.default is inspect.Parameter.empty
                    and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in data]
         detail = f"missing model argument(s) {missing}" if missing else str(err)
-        raise ValueError(f"{what} does not match the model's signature "
+        raise InputError(f"{what} does not match the model's signature "
                          f"{inspect.signature(model)}: {detail}") from err
 
 
@@ -166,7 +185,7 @@ def check_task_axis(data: Mapping[str, Any], num_tasks: int, what: str) -> None:
         if shape is None or len(shape) == 0:
             continue
         if shape[0] != num_tasks:
-            raise ValueError(
+            raise InputError(
                 f"{what}[{key!r}] has shape {tuple(shape)}: data are task-major, so its leading "
                 f"axis should hold the {num_tasks} tasks of the tasks plate, got {shape[0]}"
             )

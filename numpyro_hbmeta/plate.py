@@ -16,8 +16,11 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from numpyro.primitives import CondIndepStackFrame
+
+from numpyro_hbmeta.validate import InputError
 
 
 class TaskFrame(CondIndepStackFrame):
@@ -85,17 +88,20 @@ class tasks(numpyro.plate):  # noqa: N801 - a handler, named like numpyro's
         subsample_size: int | None = None,
         dim: int | None = None,
     ) -> None:
+        if isinstance(size, int | np.integer) and size < 1:  # numpyro's own check is a bare assert
+            raise InputError(f"tasks plate {name!r}: size must be a positive number of tasks, "
+                             f"got {size} (do the data hold no tasks?)")
         batch = (_TASK_BATCH.get() or {}).get(name)
         self._batch_indices = None
         if batch is not None:
             if size != batch.indices.shape[0]:
-                raise ValueError(
+                raise InputError(
                     f"tasks plate {name!r}: the driver passed a batch of "
                     f"{batch.indices.shape[0]} tasks but the model built the plate with "
                     f"size={size}; build it from the data, e.g. hbm.tasks(x.shape[0])"
                 )
             if subsample_size is not None:
-                raise ValueError(
+                raise InputError(
                     f"tasks plate {name!r}: subsample_size={subsample_size} cannot be combined "
                     "with a driver's task_batch_size"
                 )
@@ -114,7 +120,7 @@ class tasks(numpyro.plate):  # noqa: N801 - a handler, named like numpyro's
             super().process_message(msg)
         except ValueError as err:  # numpyro's broadcast error does not name the site
             batch_shape = tuple(getattr(msg.get("fn"), "batch_shape", ()))
-            raise ValueError(
+            raise InputError(
                 f"site {msg.get('name')!r} inside tasks plate {self.name!r}: expected "
                 f"{self.subsample_size} tasks at batch dim {self.dim}, got batch shape "
                 f"{batch_shape} ({err})") from err
