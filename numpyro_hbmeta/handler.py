@@ -38,7 +38,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.primitives import Messenger
 
-from numpyro_hbmeta import validate
+from numpyro_hbmeta import sites, validate
 from numpyro_hbmeta.curvature import curvature_builder
 from numpyro_hbmeta.density import (
     TaskLogDensity,
@@ -56,7 +56,7 @@ from numpyro_hbmeta.plate import is_task_frame, tasks
 __all__ = ["OBJECTIVES", "MetaMarginal", "TaskContext", "meta_marginal"]
 
 OBJECTIVES = ("maml", "llama", "laplace")
-OBJECTIVE_SITE = "hbm_objective"
+OBJECTIVE_SITE = sites.OBJECTIVE
 
 
 class _hide_tasks(Messenger):  # noqa: N801 - a handler, named like numpyro's
@@ -308,11 +308,14 @@ class MetaMarginal:
             numpyro.factor(OBJECTIVE_SITE, value.reshape(value.shape + trailing))
         for name, site_value in context.constrained(phi_hat).items():
             numpyro.deterministic(name, site_value)
-        numpyro.deterministic("hbm_inner_converged", info.converged)
-        numpyro.deterministic("hbm_inner_grad_norm", info.grad_norm)
-        numpyro.deterministic("hbm_inner_num_steps", info.num_steps)
+        numpyro.deterministic(sites.INNER_CONVERGED, info.converged)
+        numpyro.deterministic(sites.INNER_DIVERGED, info.diverged)
+        numpyro.deterministic(sites.INNER_GRAD_NORM, info.grad_norm)
+        numpyro.deterministic(sites.INNER_NUM_STEPS, info.num_steps)
+        numpyro.deterministic(sites.INNER_LOSS, info.loss)
+        numpyro.deterministic(sites.INNER_FINAL_LOSS, info.final_loss)
         if min_eigenvalue is not None:
-            numpyro.deterministic("hbm_curvature_min_eigenvalue", min_eigenvalue)
+            numpyro.deterministic(sites.CURVATURE_MIN_EIGENVALUE, min_eigenvalue)
 
     # -- eager checks ---------------------------------------------------------------------
     def check(self, support: Mapping[str, Any], query: Mapping[str, Any] | None = None,

@@ -9,6 +9,7 @@ import pytest
 from numpyro.infer.util import log_density
 
 import numpyro_hbmeta as hbm
+from numpyro_hbmeta import sites
 from numpyro_hbmeta.inner import max_eigenvalue, stable_step_size
 
 SIGMA = 0.3
@@ -233,3 +234,32 @@ def test_stable_step_size_keeps_gd_contracting(x64):
     assert not info.diverged.any()
     with pytest.raises(ValueError, match="margin"):
         stable_step_size(lambda_max, margin=2.5)
+
+
+def test_handler_reports_divergence_per_task(x64):
+    # Linear-Gaussian tasks whose inputs are scaled per task, so the support NLL Hessians
+    # XᵀX/σ² differ by the squared scales; β is set between tasks 1 and 2, so β·λ_max is
+    # ~0.6 and below for tasks 0-1 and ~6 and above for tasks 2-3.
+    from numpyro_hbmeta.implicit_prior import context_at
+    from numpyro_hbmeta.models import linear
+
+    data = linear.simulate(jax.random.PRNGKey(0), num_tasks=4, num_support=8, num_query=4)
+    scale = jnp.array([0.3, 0.6, 2.0, 3.0])[:, None, None]
+    support = {"x": data.support["x"] * scale, "y": data.support["y"]}
+    params = {"theta": jnp.array([0.5, -0.5]), "tau": jnp.array(1.0),
+              "sigma": jnp.array(0.5)}
+    probe = hbm.meta_marginal(linear.model, inner=hbm.TruncatedGD(1, 1.0), objective="maml")
+    context = context_at(linear.model, params, support)
+    lambda_max = max_eigenvalue(probe.inner_loss(context, support), context.phi0)
+    step_size = float(2.0 / jnp.sqrt(lambda_max[1] * lambda_max[2]))
+    assert (step_size * lambda_max[:2] < 0.7).all() and (step_size * lambda_max[2:] > 5).all()
+    marginal = hbm.meta_marginal(linear.model, inner=hbm.TruncatedGD(5, step_size),
+                                 objective="maml")
+    _, tr = log_density(marginal, (support, data.query), {}, params)
+    diverged = np.asarray(tr[sites.INNER_DIVERGED]["value"])
+    assert diverged.tolist() == (step_size * lambda_max > 2).tolist() == [False] * 2 + [True] * 2
+    assert (np.asarray(tr[sites.INNER_CONVERGED]["value"]) == ~diverged).all()
+    start, final = (np.asarray(tr[name]["value"]) for name in (sites.INNER_LOSS,
+                                                                sites.INNER_FINAL_LOSS))
+    assert (final[2:] > 1e6 * start[2:]).all() and (final[:2] < start[:2]).all()
+    assert (np.asarray(tr[sites.INNER_NUM_STEPS]["value"]) == 5).all()
