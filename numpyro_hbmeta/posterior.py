@@ -607,11 +607,19 @@ def _diagonal_prior(neg_log_prior: Callable, phi: jnp.ndarray
 class _Checks(NamedTuple):
     prior_off_diagonal: jnp.ndarray  # (tasks,)
     prior_spread: jnp.ndarray  # (tasks,)
+    positive_definite: Any = None  # (tasks,) bool, filled in by _laplace_precision
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _laplace_precision(marginal: MetaMarginal, params, support
                        ) -> tuple[jnp.ndarray, Precision, _Checks]:
+    phi_hat, precision, checks = _build_precision(marginal, params, support)
+    return phi_hat, precision, checks._replace(
+        positive_definite=precision.is_positive_definite())
+
+
+def _build_precision(marginal: MetaMarginal, params, support
+                     ) -> tuple[jnp.ndarray, Precision, _Checks]:
     context = context_at(marginal.model, params, support)
     phi_hat, _ = marginal.solve(context, support)
     density = context.log_density(marginal.model, support)
@@ -668,7 +676,7 @@ def _check(marginal: MetaMarginal, precision: Precision, checks: _Checks, dtype)
             f"{spread[bad[:5]].tolist()}); A ⊗ G + D keeps the Kronecker eigenbasis only for "
             "a D that is constant on each layer (an isotropic prior per layer). Use "
             "curvature='ggn' (any diagonal prior) or 'full'")
-    ok = np.asarray(precision.is_positive_definite())
+    ok = np.asarray(checks.positive_definite)
     if not ok.all():
         bad = np.nonzero(~ok)[0]
         eig = np.asarray(precision.min_eigenvalue())[bad[:5]]
