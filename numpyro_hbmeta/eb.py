@@ -107,7 +107,8 @@ class MetaEBResult(NamedTuple):
 
     Attributes:
         params: constrained values of the global sites.
-        losses: (num_steps,) negative objective at each step of this run (before its update).
+        losses: (num_steps,) NumPy array, the negative objective at each step of this run
+            (before its update).
         state: final optimiser state; pass it as ``run(..., init_state=result.state)`` to go on.
         inactive_sites: globals whose gradient was exactly zero at every step: the objective
             does not depend on them (e.g. τ under ``maml``, where the implicit prior replaces
@@ -316,7 +317,7 @@ class MetaEB:
         updates, opt_state = self.optimizer.update(
             grads, state.opt_state, state.params, value=value, grad=grads, value_fn=value_fn)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         threshold = eb_checks.overflow_threshold(jnp.result_type(grad_norm))
         finite_params = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
                                            for p in jax.tree.leaves(params)]))
@@ -368,7 +369,7 @@ class MetaEB:
             task_batch_size: int | None = None, progress_bar: bool = True,
             init_params: Mapping[str, Any] | None = None,
             init_state: MetaEBState | None = None, loss_rtol: float = 1e-4,
-            grad_rtol: float = 1e-3) -> MetaEBResult:
+            grad_rtol: float = 1e-3, final_checks: bool = True) -> MetaEBResult:
         """Maximise the objective for ``num_steps`` optimiser steps.
 
         Args:
@@ -378,8 +379,9 @@ class MetaEB:
             query: fixed query data (``maml``/``llama``).
             task_source: instead of ``support``/``query``, fresh episodes each step: a
                 function ``(rng_key, step) -> (support, query)`` (called with
-                ``fold_in(key_source, step)``, ``key_source = split(rng_key, 3)[2]``) or an iterator of ``(support, query)`` pairs.
-                Shapes must stay fixed (no retrace).
+                ``fold_in(key_source, step)``, ``key_source = split(rng_key, 3)[2]``) or
+                an iterator of ``(support, query)`` pairs. Shapes must stay fixed (no
+                retrace).
             task_batch_size: optimise on random batches of this many tasks.
             progress_bar: a bar on a terminal, plain lines elsewhere.
             init_params: constrained start values of some or all globals.
@@ -387,6 +389,8 @@ class MetaEB:
                 ``run(key, k)`` then ``run(key, m, init_state=...)`` equals ``run(key, k + m)``.
             loss_rtol: outer convergence: bound on the relative change of the windowed loss.
             grad_rtol: outer convergence: bound on ‖∇‖ / max(1, |loss|).
+            final_checks: judge outer convergence and check scales for the boundary 0 at
+                the end (``False`` for a segment of a longer run that will be resumed).
 
         Raises:
             FloatingPointError: the objective became non-finite, or its gradient overflows;
@@ -437,7 +441,11 @@ class MetaEB:
                 losses.append(infos.loss[ran])
                 done += n
                 bar.update(n, loss=f"{float(infos.loss[ran][-1]):.4g}")
-        return self._finish(state, np.concatenate(losses), monitor, support, query,
+        losses = np.concatenate(losses)
+        if not final_checks:
+            params = self._constrained(state.params, support, query)
+            return MetaEBResult(params, losses, state, monitor.inactive())
+        return self._finish(state, losses, monitor, support, query,
                             loss_rtol=loss_rtol, grad_rtol=grad_rtol,
                             batched=config.batch_size is not None or source is not None)
 
@@ -478,7 +486,7 @@ class MetaEB:
                 "on the scale whose density vanishes at 0, e.g. Gamma(2, rate) (Chung et al. "
                 "2013; a HalfNormal or HalfCauchy prior does not move the mode off 0), or "
                 "full Bayes over the globals with NUTS on meta_marginal(...).", stacklevel=3)
-        return MetaEBResult(params, jnp.asarray(losses), state, inactive, boundary,
+        return MetaEBResult(params, losses, state, inactive, boundary,
                             convergence)
 
     def _boundary_or_warn(self, params, support, query) -> tuple[str, ...]:
