@@ -57,6 +57,7 @@ __all__ = [
     "LowRankPrecision",
     "Precision",
     "TaskPosterior",
+    "as_precision",
     "implicit_posterior_precision",
     "laplace_task_posterior",
 ]
@@ -570,20 +571,47 @@ def _implicit_structured(curvature: Any, inner: TruncatedGD) -> Precision:
     raise _unsupported(curvature)
 
 
-def _with_diagonal_prior(curvature: Any, prior: jnp.ndarray
-                         ) -> tuple[Precision, jnp.ndarray]:
-    """Fold a diagonal prior precision π (tasks, d) into a likelihood curvature; also the
-    spread of π within K-FAC layers (zeros for the other structures)."""
-    no_spread = jnp.zeros(prior.shape[:1], prior.dtype)
+def as_precision(curvature: Any, prior_precision: jnp.ndarray | None = None) -> Precision:
+    """A curvature object as a decomposed :class:`Precision`, plus a diagonal prior precision.
+
+    ``FullCurvature`` → dense, ``DiagCurvature`` → diagonal, ``GGNCurvature`` → low rank plus
+    diagonal (n < d) or dense, ``KFACTaskCurvature`` → Kronecker (the curvature's damping
+    kept). ``prior_precision`` π (tasks, d) is added exactly; for K-FAC it must be constant
+    within each layer (its per-layer mean is used; :func:`laplace_task_posterior` checks).
+    For callers that use a curvature as the whole precision, as LLAMA's predictive does with
+    F + δI (δ the isotropic prior): ``TaskPosterior(phi_hat, as_precision(curvature))``.
+    """
+    if isinstance(curvature, FullCurvature):
+        matrix = curvature.matrix
+        if prior_precision is not None:
+            matrix = matrix + jax.vmap(jnp.diag)(prior_precision)
+        return DensePrecision.from_matrix(matrix)
+    if prior_precision is None:
+        prior_precision = jnp.zeros(_curvature_shape(curvature), _curvature_dtype(curvature))
     if isinstance(curvature, DiagCurvature):
-        return DiagPrecision(curvature.diagonal + prior), no_spread
+        return DiagPrecision(curvature.diagonal + prior_precision)
     if isinstance(curvature, GGNCurvature):
-        return _ggn_plus_diagonal(curvature, prior), no_spread
+        return _ggn_plus_diagonal(curvature, prior_precision)
     if isinstance(curvature, KFACTaskCurvature):
-        means, spread = _layer_prior(curvature, prior)
-        return _kfac_precision(curvature,
-                               lambda index, lam: lam + means[index][:, None, None]), spread
+        means, _ = _layer_prior(curvature, prior_precision)
+        return _kfac_precision(curvature, lambda index, lam: lam + means[index][:, None, None])
     raise _unsupported(curvature)
+
+
+def _curvature_shape(curvature: Any) -> tuple[int, int]:
+    if isinstance(curvature, DiagCurvature):
+        return curvature.diagonal.shape
+    if isinstance(curvature, GGNCurvature):
+        return curvature.jacobian.shape[0], curvature.jacobian.shape[-1]
+    if isinstance(curvature, KFACTaskCurvature):
+        return curvature.layers[0].inputs.shape[0], len(curvature.order)
+    raise _unsupported(curvature)
+
+
+def _curvature_dtype(curvature: Any):
+    leaves = [leaf for leaf in jax.tree.leaves(curvature) if hasattr(leaf, "dtype")
+              and jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return leaves[0].dtype
 
 
 def _unsupported(curvature: Any) -> TypeError:
@@ -638,19 +666,16 @@ def _build_precision(marginal: MetaMarginal, params, support
             return phi_hat, DensePrecision.from_matrix(prior + curvature.matrix), \
                 _Checks(zeros, zeros)
         return phi_hat, _implicit_structured(curvature, marginal.inner), _Checks(zeros, zeros)
-    if not likelihood_only:
-        if isinstance(curvature, FullCurvature):
-            return phi_hat, DensePrecision.from_matrix(curvature.matrix), _Checks(zeros, zeros)
-        if isinstance(curvature, DiagCurvature):
-            return phi_hat, DiagPrecision(curvature.diagonal), _Checks(zeros, zeros)
-        raise _unsupported(curvature)
+    if not likelihood_only:  # the curvature of the log joint: the precision as it is
+        return phi_hat, as_precision(curvature), _Checks(zeros, zeros)
     neg_log_prior = lambda p: -density(p).log_prior  # noqa: E731
     if isinstance(curvature, FullCurvature):
         return phi_hat, DensePrecision.from_matrix(
             curvature.matrix + hessian_blocks(neg_log_prior, phi_hat)), _Checks(zeros, zeros)
     prior, off_diagonal = _diagonal_prior(neg_log_prior, phi_hat)
-    precision, spread = _with_diagonal_prior(curvature, prior)
-    return phi_hat, precision, _Checks(off_diagonal, spread)
+    spread = (_layer_prior(curvature, prior)[1] if isinstance(curvature, KFACTaskCurvature)
+              else zeros)
+    return phi_hat, as_precision(curvature, prior), _Checks(off_diagonal, spread)
 
 
 def _tolerance(dtype) -> float:

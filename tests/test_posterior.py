@@ -10,7 +10,7 @@ import numpyro.distributions as dist
 import pytest
 
 import numpyro_hbmeta as hbm
-from numpyro_hbmeta.curvature import GGN, KFAC
+from numpyro_hbmeta.curvature import GGN, KFAC, GGNCurvature, KFACTaskCurvature, LayerPoints
 from numpyro_hbmeta.implicit_prior import context_at
 from numpyro_hbmeta.layers import dense_layer
 from numpyro_hbmeta.models import linear
@@ -20,6 +20,7 @@ from numpyro_hbmeta.posterior import (
     KroneckerPrecision,
     LowRankPrecision,
     TaskPosterior,
+    as_precision,
     laplace_task_posterior,
 )
 
@@ -158,6 +159,25 @@ def test_posterior_passes_through_jit(x64):
                                rtol=1e-10)
     with pytest.raises(ValueError, match="TaskContext"):
         posterior.to_sites(draws)
+
+
+def test_as_precision_keeps_a_curvature_object_as_it_is(x64):
+    # The curvature as the whole precision (LLAMA's F + δI predictive), for GGN in both
+    # forms and K-FAC with two layers in a shuffled order.
+    rng = np.random.default_rng(5)
+    layers = (LayerPoints(jnp.asarray(rng.normal(size=(TASKS, 4, 3))),
+                          jnp.asarray(rng.normal(size=(TASKS, 4, 2)))),
+              LayerPoints(jnp.asarray(rng.normal(size=(TASKS, 4, 2))),
+                          jnp.asarray(rng.normal(size=(TASKS, 4, 1)))))
+    curvatures = [KFACTaskCurvature(layers, rng.permutation(8), 0.3),
+                  GGNCurvature(jnp.asarray(rng.normal(size=(TASKS, 3, 8))), 0.3),
+                  GGNCurvature(jnp.asarray(rng.normal(size=(TASKS, 9, 8))), 0.3)]
+    for curvature, structure in zip(curvatures, (KroneckerPrecision, LowRankPrecision,
+                                                 DensePrecision), strict=True):
+        precision = as_precision(curvature)
+        assert isinstance(precision, structure)
+        np.testing.assert_allclose(jax.jit(lambda p: p.dense())(precision),
+                                   curvature.dense(), rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- linear zoo model
