@@ -41,6 +41,7 @@ import numpyro.distributions as dist
 
 from numpyro_hbmeta.data import TaskData
 from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "eight schools (Rubin 1981; BDA3 §5.5), real data; exact evidence, EB gives τ̂ = 0"
 GLOBALS = ("mu", "tau")
@@ -122,3 +123,14 @@ def exact_type2_ml(data, *, tau_max: float = 100.0) -> dict:
         tau = 0.0 if negative_profile(0.0) <= result.fun else float(result.x)
         mu = float(profile_mu(jnp.asarray(tau, jnp.float64), data64))
     return {"mu": jnp.asarray(mu), "tau": jnp.asarray(tau)}
+
+
+ZOO_MODEL = ZooModel(
+    name="eight_schools", summary=SUMMARY, model=model, load_data=load_data, globals=GLOBALS,
+    task_sites=TASK_SITES, laplace_exact=LAPLACE_EXACT,
+    # No query set (one observation per school), so no MAML/LLAMA by default; if asked for
+    # on other data, β comes from the curvature 1/σ_j² of each school.
+    default_methods=("laplace", "nuts"),
+    fit=FitSettings(maml_step_size=None),
+    exact_type2_ml=exact_type2_ml,
+)

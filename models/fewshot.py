@@ -26,7 +26,7 @@ Parametrisation: standard (``x @ w + b`` with w ~ N(0, 1/fan_in) at initialisati
 MAML's published inner step sizes are comparable. The inner loop descends the *summed* support
 negative log-likelihood (the library's convention), so MAML's α on the mean loss over N·K
 points is β = α/(N·K) here (0.4/5 = 0.08 for 5-way 1-shot); this MLP adapts better with
-β = 2/(N·K) (``FIT``).
+β = 2/(N·K) (``FIT_SETTINGS``).
 
 Data: :func:`load_omniglot` reads Omniglot from a path the user gives (argument, or the
 environment variable ``HBMETA_OMNIGLOT``; several paths separated by ``os.pathsep``, e.g. both
@@ -57,8 +57,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import optax
-from tqdm.auto import trange
 
 from numpyro_hbmeta import episodes as ep
 from numpyro_hbmeta.data import TaskData
@@ -69,6 +67,7 @@ from numpyro_hbmeta.inner import TruncatedGD
 from numpyro_hbmeta.kfac import unvec_mlp
 from numpyro_hbmeta.layers import dense_layer
 from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = ("N-way K-shot Omniglot episodes (synthetic strokes unless a path / HBMETA_OMNIGLOT "
            "is given); MLP on 14x14 images, K-FAC layers")
@@ -82,19 +81,19 @@ HIDDEN = (128, 64)
 TAU = 0.1
 N_WAY = 5
 
-# `hbmeta compare fewshot` is not supported: NUTS over tens of thousands of weights is out of
-# reach, a globals table of 30k rows says nothing, and few-shot learning is judged on fresh
-# test episodes of unseen classes, not on fixed tasks. experiments/omniglot.py compares MAML
-# and LLAMA that way.
-COMPARE_METHODS: tuple[str, ...] = ()
+# `hbmeta compare fewshot` runs the meta-learners only: NUTS over tens of thousands of weights
+# is out of reach and a globals table of 30k rows says nothing. It meta-trains on a fixed batch
+# of training episodes and scores fresh test episodes of unseen classes (``compare_report``);
+# experiments/omniglot.py meta-trains on fresh episodes per step, as MAML does.
+COMPARE_METHODS: tuple[str, ...] = ("maml", "llama")
 
 # Settings for MAML/LLAMA on 5-way 1-shot (``meta_train``), one inner step as MAML's 5-way
 # Omniglot runs. MAML's own α = 0.4 on the mean loss of N·K = 5 points is β = 0.08 here;
 # measured on real Omniglot (32 episodes per step, 300 steps, 100 test episodes): β = 0.08
 # with Adam(1e-3) reached 54% held-out accuracy, β = 0.4 with Adam(1e-3) 60%, β = 0.08 with
 # Adam(3e-3) 60%, β = 0.4 with Adam(3e-3) 72%; so β = 2/(N·K) and Adam(3e-3).
-FIT = {"maml_steps": 1, "maml_step_size": 0.4, "eb_learning_rate": 3e-3,
-       "llama_curvature": "kfac", "tasks_per_batch": 32, "k_query": 5}
+FIT_SETTINGS = FitSettings(maml_steps=1, maml_step_size=0.4, eb_steps=300,
+                           eb_learning_rate=3e-3, llama_curvature="kfac", task_draws=False)
 
 
 # --------------------------------------------------------------------------- the model
@@ -303,25 +302,6 @@ class FewShotFit(NamedTuple):
     compile_seconds: float
 
 
-def _train_step(driver: MetaEB, *, tasks_per_batch: int, n_way: int, k_shot: int,
-                k_query: int):
-    num_points = tasks_per_batch * n_way * k_query
-
-    @jax.jit
-    def step(state, rng_key, dataset):
-        support, query = sample_tasks(rng_key, dataset, num_tasks=tasks_per_batch,
-                                      n_way=n_way, k_shot=k_shot, k_query=k_query)
-        value_fn = lambda p: driver.loss(p, support, query)  # noqa: E731
-        value, grads = jax.value_and_grad(value_fn)(state.params)
-        updates, opt_state = driver.optimizer.update(grads, state.opt_state, state.params,
-                                                     value=value, grad=grads,
-                                                     value_fn=value_fn)
-        return type(state)(optax.apply_updates(state.params, updates), opt_state), \
-            value / num_points
-
-    return step
-
-
 def meta_train(driver: MetaEB, rng_key, dataset: ep.EpisodeDataset, num_steps: int, *,
                n_way: int, k_shot: int, k_query: int = 5, tasks_per_batch: int = 32,
                init_params: Mapping[str, Any] | None = None,
@@ -331,8 +311,9 @@ def meta_train(driver: MetaEB, rng_key, dataset: ep.EpisodeDataset, num_steps: i
 
     MAML's protocol (Finn et al. 2017, Alg. 2): every meta-iteration draws
     ``tasks_per_batch`` new episodes from ``dataset`` and takes one optimiser step on
-    −Σ_j objective_j (``driver.loss``). :meth:`MetaEB.run` instead fits a fixed set of tasks,
-    which for few-shot learning would be a fixed pool of episodes.
+    −Σ_j objective_j. This is :meth:`MetaEB.run` with a ``task_source`` (a jitted episode
+    sampler), run in segments of ``eval_every`` steps that resume each other
+    (``init_state``) so held-out accuracy can be scored between them.
 
     Args:
         driver: a ``MetaEB`` on a :func:`make_model` model (objective ``maml`` or ``llama``).
@@ -347,52 +328,51 @@ def meta_train(driver: MetaEB, rng_key, dataset: ep.EpisodeDataset, num_steps: i
         eval_tasks: optional fixed (support, query) episodes scored every ``eval_every`` steps
             (a learning curve of held-out accuracy).
         eval_every: steps between evaluations (0: never).
-        progress_bar: show a tqdm bar.
+        progress_bar: show progress.
 
     Raises:
-        FloatingPointError: a non-finite objective (the step is named).
+        FloatingPointError: a refused step (non-finite objective), with the driver's
+            diagnosis.
     """
     model = driver.model
-    key_init, key_steps = jax.random.split(rng_key)
+    key_init, key_run = jax.random.split(rng_key)
     if init_params is None:
         init_params = init_params_for(model, key_init)
-    support, query = sample_tasks(key_init, dataset, num_tasks=tasks_per_batch, n_way=n_way,
-                                  k_shot=k_shot, k_query=k_query)
-    driver.marginal.check(support, query)
-    state = driver.init(key_init, support, query, init_params)
-    step = _train_step(driver, tasks_per_batch=tasks_per_batch, n_way=n_way, k_shot=k_shot,
-                       k_query=k_query)
-    keys = jax.random.split(key_steps, num_steps)
-    losses = np.empty(num_steps)
-    eval_steps, eval_accuracy = [], []
-    evaluator = None
-    if eval_tasks is not None and eval_every:
-        evaluator = Evaluator(model, driver.inner)
-    compile_seconds, start = 0.0, time.perf_counter()
-    bar = trange(num_steps, disable=not progress_bar,
-                 desc=f"meta-train {driver.marginal.objective}")
-    for i in bar:
-        if evaluator is not None and i % eval_every == 0:
-            eval_steps.append(i)
-            eval_accuracy.append(float(np.mean(evaluator.accuracy(
-                {"theta": state.params["theta"]}, *eval_tasks))))
-        state, value = step(state, keys[i], dataset)
-        losses[i] = float(value)
-        if not np.isfinite(losses[i]):
-            raise FloatingPointError(f"meta_train: the objective is not finite at step {i}; "
-                                     "reduce the inner step_size or the learning rate")
-        if i == 0:
-            compile_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-        if progress_bar and i % 50 == 0:
-            bar.set_postfix(loss=f"{losses[i]:.3f}")
-    elapsed = time.perf_counter() - start
-    params = {"theta": state.params["theta"]}  # θ is unconstrained already (real support)
+    source = jax.jit(functools.partial(sample_tasks, dataset=dataset,
+                                       num_tasks=tasks_per_batch, n_way=n_way,
+                                       k_shot=k_shot, k_query=k_query))
+    num_points = tasks_per_batch * n_way * k_query
+    evaluator = (Evaluator(model, driver.inner)
+                 if eval_tasks is not None and eval_every else None)
+    # Segment ends: after step 1 (its time is the compilation), at every evaluation, at the end.
+    ends = sorted({1, num_steps, *range(eval_every, num_steps, eval_every or num_steps)}
+                  if evaluator is not None else {1, num_steps})
+    eval_steps, eval_accuracy, losses = [], [], []
+    state, params = None, dict(init_params)
+    compile_seconds, elapsed, done = 0.0, 0.0, 0
+    for end in ends:
+        if evaluator is not None and done % eval_every == 0:
+            eval_steps.append(done)
+            eval_accuracy.append(float(np.mean(evaluator.accuracy(params, *eval_tasks))))
+        start = time.perf_counter()
+        fit = driver.run(key_run, end - done, task_source=lambda key, step: source(key),
+                         init_params=init_params if state is None else None,
+                         init_state=state, progress_bar=progress_bar and end > 1,
+                         final_checks=end == num_steps)
+        seconds = time.perf_counter() - start
+        if state is None:
+            compile_seconds = seconds
+        else:
+            elapsed += seconds
+        state, params, done = fit.state, {"theta": fit.params["theta"]}, end
+        losses.append(np.asarray(fit.losses) / num_points)
     if evaluator is not None:
         eval_steps.append(num_steps)
         eval_accuracy.append(float(np.mean(evaluator.accuracy(params, *eval_tasks))))
-    return FewShotFit(params, losses, np.asarray(eval_steps), np.asarray(eval_accuracy),
-                      elapsed / max(num_steps - 1, 1), compile_seconds)
+    timed = num_steps - 1
+    return FewShotFit(params, np.concatenate(losses), np.asarray(eval_steps),
+                      np.asarray(eval_accuracy),
+                      elapsed / timed if timed else float("nan"), compile_seconds)
 
 
 def init_params_for(model: Callable, rng_key) -> dict[str, jnp.ndarray]:
@@ -470,3 +450,58 @@ def mean_interval(values: np.ndarray, z: float = 1.959964) -> tuple[float, float
     """Mean and half-width of its normal 95% interval over episodes, z·sd/√n (MAML's ±)."""
     values = np.asarray(values, np.float64)
     return float(values.mean()), float(z * values.std(ddof=1) / math.sqrt(values.size))
+
+
+# --------------------------------------------------------------------------- hbmeta compare
+
+
+def compare_report(results, data: TaskData, out, *, small: bool = False,
+                   num_episodes: int = 100) -> tuple[str, str, list[str]]:
+    """``hbmeta compare fewshot``'s table: accuracy on ``num_episodes`` fresh test episodes.
+
+    The test episodes are ``N_WAY``-way with the support and query sizes of ``data``, drawn
+    from the *test* characters of :func:`load_omniglot` (the same source and split as
+    :func:`load_data` with this ``small``). Each fit is scored after adaptation (its own
+    inner solver, MAML's φ̂_j) and, for MAML, at θ̂ without adaptation; the ± is the normal
+    95% half-width over episodes (:func:`mean_interval`).
+
+    Returns:
+        ``(caption, markdown table, extra report lines)``.
+    """
+    del out
+    from numpyro_hbmeta.report import markdown_table  # outputs layer, only needed here
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load_data already warned about synthetic images
+        omniglot = load_omniglot(small=small)
+    num_support, num_query = data.support["y"].shape[1], data.query["y"].shape[1]
+    support, query = sample_tasks(jax.random.PRNGKey(20170309), omniglot.test,
+                                  num_tasks=num_episodes, n_way=N_WAY,
+                                  k_shot=num_support // N_WAY, k_query=num_query // N_WAY)
+    header = ["method", "predictive", "test accuracy (95% interval)"]
+    rows = []
+    for result in results:
+        params = {"theta": jnp.asarray(result.samples["theta"])[0, 0]}
+        steps = int(result.info.get("inner_num_steps", FIT_SETTINGS.maml_steps))
+        beta = float(result.info.get("inner_step_size", FIT_SETTINGS.maml_step_size))
+        solvers = [("plug-in at φ̂", TruncatedGD(steps, beta))]
+        if result.method == "maml":
+            solvers.insert(0, ("at θ̂ (no adaptation)", TruncatedGD(0, beta)))
+        for label, inner in solvers:
+            accuracy = Evaluator(model, inner).accuracy(params, support, query)
+            mean, half = mean_interval(accuracy)
+            rows.append([result.method, label, f"{mean:.3f} ± {half:.3f}"])
+    kind = "SYNTHETIC stroke images, not Omniglot" if omniglot.synthetic else omniglot.source
+    caption = (f"Query accuracy on {num_episodes} fresh {N_WAY}-way test episodes of unseen "
+               f"characters ({kind}); chance is {1 / N_WAY:.2f}. The globals are "
+               f"{num_params(N_WAY):,} network weights, whose table says nothing.")
+    return caption, markdown_table(header, rows), []
+
+
+ZOO_MODEL = ZooModel(
+    name="fewshot", summary=SUMMARY, model=model, load_data=load_data, globals=GLOBALS,
+    task_sites=TASK_SITES, laplace_exact=LAPLACE_EXACT,
+    default_methods=("maml",), compare_methods=COMPARE_METHODS, fit=FIT_SETTINGS,
+    small_fit=FIT_SETTINGS.shortened({"eb_steps": 100}),
+    init_params=init_params, compare_report=compare_report,
+)

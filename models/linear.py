@@ -22,14 +22,15 @@ import numpyro.distributions as dist
 
 from numpyro_hbmeta.data import TaskData
 from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "hierarchical linear regression, simulated; exact evidence and exact EB known"
 GLOBALS = ("theta", "tau", "sigma")
 TASK_SITES = ("phi",)
 LAPLACE_EXACT = True
 
-# MAML's inner step must keep β·λ_max(XᵀX/σ²) < 1 at the fitted σ, or GD does not contract
-# and its implicit prior (hence the task posterior) does not exist.
+# The fixed MAML step of tutorial 01 (K = 5, β = 0.002; β·λ_max(XᵀX/σ²) < 1 at the exact EB
+# globals). ``hbmeta compare`` chooses β from the data instead (``ZOO_MODEL.fit``).
 FIT = {"maml_steps": 5, "maml_step_size": 0.002}
 
 TRUE_THETA = (1.0, -0.5)
@@ -113,3 +114,13 @@ def exact_type2_ml(data, *, init=None) -> dict:
         data64 = {k: jnp.asarray(v, jnp.float64) for k, v in data.items()}
         z = minimise_float64(lambda z: -jnp.sum(exact_log_evidence(unpack(z), data64)), start)
     return {k: jnp.asarray(v) for k, v in unpack(jnp.asarray(z)).items()}
+
+
+ZOO_MODEL = ZooModel(
+    name="linear", summary=SUMMARY, model=model, load_data=load_data, globals=GLOBALS,
+    task_sites=TASK_SITES, laplace_exact=LAPLACE_EXACT,
+    default_methods=("maml", "laplace", "nuts"),
+    # β from the data: σ and the design set the support curvature XᵀX/σ².
+    fit=FitSettings(maml_steps=5, maml_step_size=None),
+    exact_type2_ml=exact_type2_ml,
+)

@@ -10,8 +10,8 @@ approximation (``LAPLACE_EXACT = False``), and its error shrinks as the points p
 (the likelihood dominates and the posterior becomes Gaussian). MAML's K gradient steps on the
 support log-likelihood no longer equal MAP under a fixed Gaussian prior, only locally
 (Grant et al., ICLR 2018, §4, via the linearisation of Santos 1996). NUTS on :func:`model` is
-the reference; with logits the Hessian is XᵀWX with W = diag(p(1 − p)) ≤ 1/4, which sets the
-stable inner step size (``FIT``).
+the reference; with logits the Hessian is XᵀWX with W = diag(p(1 − p)) ≤ 1/4; ``hbmeta
+compare`` chooses MAML's inner step from it at the start of the fit (``ZOO_MODEL.fit``).
 
 Data are simulated from the model with known globals (``TRUE_THETA``, ``TRUE_TAU``) and split
 into support and query points per task: ``x: (tasks, points, features)``, ``y: (tasks,
@@ -27,16 +27,12 @@ import numpyro.distributions as dist
 
 from numpyro_hbmeta.data import TaskData
 from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "hierarchical logistic regression, simulated; Laplace approximate (Bernoulli tasks)"
 GLOBALS = ("theta", "tau")
 TASK_SITES = ("phi",)
 LAPLACE_EXACT = False
-
-# Settings read by ``numpyro_hbmeta.methods``: the support log-likelihood's curvature is at
-# most num_support / 4 per direction (20 points -> 5), so a step of 0.05 moves MAML's inner
-# loop visibly while staying far below the divergence limit 2 / λ_max.
-FIT = {"maml_step_size": 0.05}
 
 TRUE_THETA = (0.5, 1.5, -1.0)
 TRUE_TAU = 1.0
@@ -82,3 +78,12 @@ def load_data(rng_key=None, *, small: bool = False) -> TaskData:
     if small:
         return simulate(rng_key, num_tasks=8, num_support=10, num_query=10)
     return simulate(rng_key, num_tasks=20, num_support=20, num_query=20)
+
+
+ZOO_MODEL = ZooModel(
+    name="logistic", summary=SUMMARY, model=model, load_data=load_data, globals=GLOBALS,
+    task_sites=TASK_SITES, laplace_exact=LAPLACE_EXACT,
+    default_methods=("maml", "laplace", "nuts"),
+    # β from the data: the curvature XᵀWX depends on the design and on θ through W.
+    fit=FitSettings(maml_step_size=None),
+)

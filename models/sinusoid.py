@@ -54,6 +54,7 @@ from numpyro_hbmeta.implicit_prior import context_at
 from numpyro_hbmeta.kfac import unvec_mlp
 from numpyro_hbmeta.layers import dense_layer
 from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "MAML's sinusoid regression, simulated; 1-40-40-1 ReLU net, K-FAC layers"
 GLOBALS = ("theta",)
@@ -71,23 +72,30 @@ INPUT = (-5.0, 5.0)
 # `hbmeta compare sinusoid` runs the meta-learners only: NUTS over ~19k weights is infeasible
 # on a CPU, Laplace-EB needs the dense 1761² Hessian per task, and SVI's global table of 1761
 # weights says nothing. The report shows held-out predictive metrics instead
-# (:func:`compare_metrics`); NUTS on the task posterior is in experiments/sinusoid.py.
+# (:func:`compare_report`); NUTS on the task posterior is in experiments/sinusoid.py.
 COMPARE_METHODS: tuple[str, ...] = ("maml", "llama")
 
-# MetaEB settings read by ``numpyro_hbmeta.methods``. The inner step is on the summed NLL
-# Σ (f − y)²/2σ²: β = 0.003 is a step of β·K/2σ² = 0.06 on the mean squared error of K = 10
-# shots (MAML's 0.01 is for the standard parametrisation; here hidden weights move the
-# function 1/√40 as much per unit step). Measured on 25 tasks: β = 0.01 diverged on held-out
-# tasks after meta-training, β = 0.003 adapted best. With other shots K, keep β·K fixed.
+# MetaEB settings (``ZOO_MODEL.fit``, read by ``numpyro_hbmeta.methods``). The inner step is
+# on the summed NLL Σ (f − y)²/2σ²: β = 0.003 is a step of β·K/2σ² = 0.06 on the mean
+# squared error of K = 10 shots (MAML's 0.01 is for the standard parametrisation; here
+# hidden weights move the function 1/√40 as much per unit step). Measured on 25 tasks:
+# β = 0.01 diverged on held-out tasks after meta-training, β = 0.003 adapted best. With
+# other shots K, keep β·K fixed.
 #
 # PRIOR_PRECISION = 1/(Kβ) is the precision that K steps of size β leave a direction the data
 # do not constrain (Santos 1996; Grant et al. 2018, §3.2): the damping of LLAMA's K-FAC, i.e.
-# the isotropic prior of its Laplace task posterior. "task_draws": False tells
+# the isotropic prior of its Laplace task posterior. task_draws=False tells
 # ``hbmeta compare`` not to form the dense 1761² Laplace posterior of every task
-# (``compare_report`` scores held-out tasks with the K-FAC predictive instead).
+# (``compare_report`` scores held-out tasks with the K-FAC predictive instead). The step is
+# tuned, not chosen from the data: λ_max of a 1761-weight network's Hessian per task would
+# cost 1761 Hessian-vector products per task, and the tuned β adapts best (measured above).
 PRIOR_PRECISION = 1.0 / (5 * 0.003)
-FIT = {"maml_steps": 5, "maml_step_size": 0.003, "eb_learning_rate": 1e-2,
-       "llama_curvature": KFAC(damping=PRIOR_PRECISION), "task_draws": False}
+FIT_SETTINGS = FitSettings(maml_steps=5, maml_step_size=0.003, eb_learning_rate=1e-2,
+                           llama_curvature=KFAC(damping=PRIOR_PRECISION), task_draws=False)
+# Legacy view of FIT_SETTINGS for existing callers (``sinusoid.FIT["maml_steps"]``).
+FIT = {k: getattr(FIT_SETTINGS, k) for k in ("maml_steps", "maml_step_size",
+                                              "eb_learning_rate", "llama_curvature",
+                                              "task_draws")}
 
 
 class SinusoidNet(NamedTuple):
@@ -154,8 +162,8 @@ def init_params(rng_key) -> dict[str, jnp.ndarray]:
 
 
 def step_size(shots: int) -> float:
-    """The inner step β for ``shots`` support points: β·shots fixed at FIT's 0.003 × 10."""
-    return FIT["maml_step_size"] * 10 / shots
+    """The inner step β for ``shots`` support points: β·shots fixed at 0.003 × 10."""
+    return FIT_SETTINGS.maml_step_size * 10 / shots
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -497,7 +505,8 @@ def predictive_metrics(predictive: Predictive, y: jnp.ndarray, f_true: jnp.ndarr
 
 
 # -- hbmeta compare -----------------------------------------------------------------------
-def compare_report(results, data: TaskData, out) -> tuple[str, str, list[str]]:
+def compare_report(results, data: TaskData, out, *, small: bool = False
+                   ) -> tuple[str, str, list[str]]:
     """``hbmeta compare sinusoid``'s table: held-out predictive metrics, not 1761 globals.
 
     Scores each fitted method on fresh simulated tasks (as many as ``data`` has, same shots,
@@ -506,8 +515,10 @@ def compare_report(results, data: TaskData, out) -> tuple[str, str, list[str]]:
     a figure of LLAMA's function draws on three held-out tasks.
 
     Returns:
-        ``(caption, markdown table, extra report lines)``.
+        ``(caption, markdown table, extra report lines)``; ``small`` is unused (the test
+        tasks follow ``data``'s size).
     """
+    del small
     from numpyro_hbmeta import plots  # outputs layer, only needed here
     from numpyro_hbmeta.inner import TruncatedGD
     from numpyro_hbmeta.report import markdown_table
@@ -516,7 +527,7 @@ def compare_report(results, data: TaskData, out) -> tuple[str, str, list[str]]:
     test = simulate(jax.random.PRNGKey(20180330), num_tasks=num_tasks, shots=shots,
                     num_query=25)
     f_true = true_function(test.truth, test.query["x"])
-    inner = TruncatedGD(FIT["maml_steps"], FIT["maml_step_size"] * 10 / shots)
+    inner = TruncatedGD(FIT_SETTINGS.maml_steps, step_size(shots))
     header = ["method", "predictive", "query MSE", "log-lik / point", "90% coverage of y",
               "90% coverage of f", "mean predictive sd"]
     rows, lines = [], []
@@ -526,7 +537,7 @@ def compare_report(results, data: TaskData, out) -> tuple[str, str, list[str]]:
         predictives = [("plug-in at φ̂ (no adaptation)", TruncatedGD(0, inner.step_size),
                         None)] if result.method == "maml" else []
         predictives.append(("linearised Laplace, K-FAC" if llama else "plug-in at φ̂", inner,
-                            FIT["llama_curvature"] if llama else None))
+                            FIT_SETTINGS.llama_curvature if llama else None))
         for label, solver, curvature in predictives:
             predictive = laplace_predictive(params, test.support, test.query["x"],
                                             inner=solver, curvature=curvature,
@@ -546,7 +557,8 @@ def _compare_figure(params, test: TaskData, inner, out, plots) -> list[str]:
     grid = jnp.broadcast_to(jnp.linspace(*INPUT, 100)[None, :, None],
                             (test.support["x"].shape[0], 100, 1))
     predictive = laplace_predictive(params, test.support, grid, inner=inner,
-                                    curvature=FIT["llama_curvature"], num_samples=200)
+                                    curvature=FIT_SETTINGS.llama_curvature,
+                                    num_samples=200)
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -562,3 +574,11 @@ def _compare_figure(params, test: TaskData, inner, out, plots) -> list[str]:
     return ["", "LLAMA's K-FAC Laplace posterior over functions on three held-out tasks "
             "(median, 50% and 90% bands of f; support points; true function):", "",
             f"![functions]({path.name})"]
+
+
+ZOO_MODEL = ZooModel(
+    name="sinusoid", summary=SUMMARY, model=model, load_data=load_data, globals=GLOBALS,
+    task_sites=TASK_SITES, laplace_exact=LAPLACE_EXACT,
+    default_methods=COMPARE_METHODS, compare_methods=COMPARE_METHODS, fit=FIT_SETTINGS,
+    init_params=init_params, compare_report=compare_report,
+)

@@ -22,11 +22,21 @@ from numpyro_hbmeta.handler import model_structure
 from numpyro_hbmeta.inference_data import pointwise_log_likelihood
 from numpyro_hbmeta.results import FitResult
 
-__all__ = ["COLUMNS", "compare", "heldout_lpd", "named_results", "site_metrics",
-           "summary_table"]
+__all__ = ["COLUMNS", "METRICS", "compare", "heldout_lpd", "named_results",
+           "not_estimated", "not_estimated_lines", "site_metrics", "summary_table"]
 
 COLUMNS = ("method", "site", "kind", "mean_diff_sd", "sd_ratio", "w2", "coverage_50",
-           "coverage_90", "heldout_lpd", "wall_time", "ess_per_s", "approximate")
+           "coverage_90", "heldout_lpd", "wall_time", "ess_per_s", "approximate", "note")
+
+#: The distribution columns of :func:`site_metrics`, NaN for a site a method did not estimate.
+METRICS = ("mean_diff_sd", "sd_ratio", "w2", "coverage_50", "coverage_90", "ess_per_s")
+
+
+def not_estimated(result: FitResult) -> dict[str, str]:
+    """Sites a fit holds without estimating them -> why: the globals its objective does not
+    depend on (``info["inactive_sites"]``, e.g. τ under MAML), stored as NaN."""
+    reason = result.info.get("inactive_reason", "not estimated by this method")
+    return {site: reason for site in result.info.get("inactive_sites", ())}
 
 
 def named_results(results: Mapping[str, FitResult] | Sequence[FitResult]
@@ -132,6 +142,9 @@ def compare(results: Mapping[str, FitResult] | Sequence[FitResult], reference: s
           draws are independent by construction (SVI, empirical Bayes).
         * ``approximate``: ``result.approximate`` (why the method is approximate; ``None``
           when it is exact in its own terms).
+        * ``note``: why a site has no metrics (:func:`not_estimated`: a global the method's
+          objective does not depend on is not an estimate, so it is not scored: its metric
+          columns are NaN), else ``None``.
 
     Args:
         results: name -> fit, or a list of fits named by ``result.method``.
@@ -153,12 +166,15 @@ def compare(results: Mapping[str, FitResult] | Sequence[FitResult], reference: s
     rows = []
     for name, result in named.items():
         lpd = math.nan if query is None else heldout_lpd(result, query)
+        skipped = not_estimated(result)
         for site in (s for s in ref.samples if s in result.samples):
+            metrics = ({k: math.nan for k in METRICS} if site in skipped
+                       else site_metrics(result, ref, site))
             rows.append({"method": name, "site": site,
                          "kind": "task" if site in task_sites else "global",
-                         **site_metrics(result, ref, site), "heldout_lpd": lpd,
+                         **metrics, "heldout_lpd": lpd,
                          "wall_time": float(result.wall_time),
-                         "approximate": result.approximate})
+                         "approximate": result.approximate, "note": skipped.get(site)})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -169,7 +185,8 @@ def summary_table(df: pd.DataFrame, metrics: Sequence[str] = ("mean_diff_sd", "s
 
     Rows are methods (in the table's order); columns are (site, metric) for ``metrics``,
     then the per-method ``("method", "wall_time")`` and ``("method", "heldout_lpd")``;
-    values rounded to ``digits``.
+    values rounded to ``digits``. Sites a method did not estimate (``note``) show NaN:
+    :func:`not_estimated_lines` says why.
 
     Examples:
         >>> print(summary_table(compare(fits, query=data.query)))  # doctest: +SKIP
@@ -182,3 +199,10 @@ def summary_table(df: pd.DataFrame, metrics: Sequence[str] = ("mean_diff_sd", "s
     per_method = df.groupby("method", sort=False)[["wall_time", "heldout_lpd"]].first()
     per_method.columns = pd.MultiIndex.from_product([["method"], per_method.columns])
     return pd.concat([wide, per_method], axis=1).reindex(methods).round(digits)
+
+
+def not_estimated_lines(df: pd.DataFrame) -> list[str]:
+    """One line per (method, site) of :func:`compare`'s table that has a ``note``: the sites
+    shown as NaN because the method did not estimate them."""
+    noted = df[df["note"].notna()]
+    return [f"{row.method}: {row.site} {row.note}" for row in noted.itertuples()]

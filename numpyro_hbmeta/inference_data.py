@@ -111,6 +111,24 @@ def _plates(site: Mapping[str, Any]) -> dict[int, str]:
     return {frame.dim: frame.name for frame in site.get("cond_indep_stack", ())}
 
 
+def _rerunnable(result: FitResult, data: Mapping[str, Any]) -> FitResult:
+    """``result`` with its not-estimated globals (``info["inactive_sites"]``, NaN) set to a
+    prior draw, for re-running the model (traces, log-likelihoods, predictives), which a NaN
+    scale would fail under validation. The observed sites do not depend on them given the
+    task draws, so nothing computed from the re-run changes."""
+    inactive = [s for s in result.info.get("inactive_sites", ()) if s in result.samples]
+    if not inactive:
+        return result
+    finite = {k: np.asarray(v)[0, 0] for k, v in result.samples.items() if k not in inactive}
+    with handlers.block(), handlers.seed(rng_seed=0):
+        trace = handlers.trace(handlers.substitute(result.model, finite)).get_trace(**data)
+    samples = dict(result.samples)
+    for name in inactive:
+        samples[name] = np.broadcast_to(np.asarray(trace[name]["value"]),
+                                        np.shape(samples[name])).astype(float)
+    return result._replace(samples=samples)
+
+
 def _trace(model: Callable, samples: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
     first = {k: np.asarray(v)[0, 0] for k, v in samples.items()}
     with handlers.block(), handlers.seed(rng_seed=0):
@@ -246,6 +264,7 @@ def pointwise_log_likelihood(result: FitResult, data: Mapping[str, Any] | None =
         coordinates ``{site}_tasks``, ``{site}_points`` naming each point's task and position.
     """
     data = result.data if data is None else data
+    result = _rerunnable(result, result.data)
     setup = _setup(result, data, task_labels) if setup is None else setup
     values = log_likelihood(result.model, _flat(result.samples), **data)
     draws = np.arange(result.num_draws)
@@ -398,6 +417,11 @@ def _attrs(result: FitResult, task_dim: str, query: bool) -> dict[str, Any]:
              "approximate": result.approximate or "", "task_dim": task_dim,
              "query": int(query)}
     attrs.update({f"info_{k}": _attr(v) for k, v in result.info.items()})
+    # Globals the method's objective does not depend on are NaN in the posterior, not
+    # estimates; say which and why where ArviZ users look (posterior.attrs).
+    inactive = tuple(result.info.get("inactive_sites", ()))
+    attrs["inactive_sites"] = ",".join(inactive)
+    attrs["inactive_reason"] = result.info.get("inactive_reason", "") if inactive else ""
     return {k: _attr(v) for k, v in az.data.base.make_attrs(attrs, library=numpyro).items()}
 
 
@@ -447,8 +471,10 @@ def to_inference_data(result: FitResult, *, task_labels: Sequence | None = None,
 
     Attributes (``idata.attrs`` and each group's): ``method``, ``wall_time`` (s),
     ``point_sites`` (comma-separated), ``approximate`` (empty when the method is exact in
-    its own terms), ``task_dim``, ``query`` (0/1), ``info_*`` (``result.info``, strings and
-    numbers), plus ArviZ's ``created_at`` etc. All are str or numbers, so the result
+    its own terms), ``task_dim``, ``query`` (0/1), ``inactive_sites`` (comma-separated globals
+    the method did not estimate, e.g. ``"tau"`` under MAML; NaN in ``posterior``) and
+    ``inactive_reason`` (why; both empty when none), ``info_*`` (``result.info``, strings
+    and numbers), plus ArviZ's ``created_at`` etc. All are str or numbers, so the result
     round-trips through ``idata.to_netcdf(path)`` / ``az.from_netcdf(path)``.
 
     Args:
@@ -469,11 +495,13 @@ def to_inference_data(result: FitResult, *, task_labels: Sequence | None = None,
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_posterior, key_query = jax.random.split(rng_key)
+    posterior = result  # not-estimated globals stay NaN there
+    result = _rerunnable(result, result.data)
     setup = _setup(result, result.data, task_labels)
     draws = _thinned(result.num_draws, num_predictive)
     observed, constant = _data_groups(result.data, setup, observed_group=True)
     groups = {
-        "posterior": _posterior(result, setup),
+        "posterior": _posterior(posterior, setup),
         "log_likelihood": xr.Dataset(pointwise_log_likelihood(result, setup=setup)),
         "posterior_predictive": xr.Dataset(
             _predictive(result, result.data, setup, key_posterior, draws)),

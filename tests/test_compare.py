@@ -147,3 +147,24 @@ def test_errors(reference):
                                       "theta": reference.samples["theta"][..., :1]})
     with pytest.raises(ValueError, match="site 'theta'"):
         compare({"nuts": reference, "bad": bad})
+
+
+def test_inactive_site_is_not_scored(reference):
+    """A global the method's objective does not depend on (τ under MAML) is NaN in the fit,
+    never "k sd off": its metrics are NaN with a note saying why."""
+    from numpyro_hbmeta.compare import METRICS, not_estimated_lines
+
+    samples = {k: v.copy() for k, v in reference.samples.items()}
+    samples["tau"] = np.full_like(samples["tau"], np.nan)
+    maml = reference._replace(method="maml", samples=samples, sample_stats={},
+                              point_sites=("theta", "tau", "sigma"),
+                              info={"inactive_sites": ("tau",),
+                                    "inactive_reason": "not estimated: not in the objective"})
+    table = compare([reference, maml])
+    tau = _row(table, "maml", "tau")
+    assert all(math.isnan(tau[m]) for m in METRICS)
+    assert tau.note == "not estimated: not in the objective"
+    assert _row(table, "maml", "theta").note is None
+    assert not math.isnan(_row(table, "maml", "theta").mean_diff_sd)
+    assert not_estimated_lines(table) == ["maml: tau not estimated: not in the objective"]
+    assert math.isnan(summary_table(table).loc["maml", ("tau", "mean_diff_sd")])

@@ -221,3 +221,30 @@ def test_unknown_observed_argument_skips_predictive(fits, data):
     np.testing.assert_allclose(idata.observed_data["y"].values,
                                2 * np.asarray(data.support["y"]) / 3, rtol=1e-6)
     assert idata.log_likelihood["y"].dims == ("chain", "draw", "tasks", "points")
+
+
+def test_inactive_sites_are_named_in_the_attributes(fits, data, tmp_path):
+    """A synthetic EB fit whose τ was not estimated (NaN): the posterior says which and why,
+    through a netCDF round trip; a fit without such sites has empty attributes."""
+    fit = fits["laplace"]
+    samples = {**fit.samples, "tau": np.full_like(fit.samples["tau"], np.nan, dtype=float)}
+    inactive = fit._replace(method="maml", samples=samples,
+                            info={**fit.info, "inactive_sites": ("tau",),
+                                  "inactive_reason": "not estimated: not in the objective"})
+    idata = to_inference_data(inactive, task_labels=data.task_labels)
+    idata.to_netcdf(tmp_path / "maml.nc")
+    back = az.from_netcdf(tmp_path / "maml.nc")
+    assert back.posterior.attrs["inactive_sites"] == "tau"
+    assert back.posterior.attrs["inactive_reason"] == "not estimated: not in the objective"
+    assert np.isnan(back.posterior["tau"].values).all()
+    assert np.isfinite(back.posterior["theta"].values).all()
+    assert to_inference_data(fits["nuts"]).posterior.attrs["inactive_sites"] == ""
+
+
+def test_run_eb_marks_tau_inactive_under_maml(fits):
+    """baselines.run_eb: τ under MAML is NaN in the samples, with the reason in info."""
+    maml = fits["maml"]
+    assert maml.info["inactive_sites"] == ("tau",)
+    assert "does not depend on it" in maml.info["inactive_reason"]
+    assert np.isnan(maml.samples["tau"]).all()
+    assert np.isfinite(maml.samples["sigma"]).all() and np.isfinite(maml.samples["phi"]).all()

@@ -28,7 +28,7 @@ def data():
 
 
 def test_zoo_entry_sizes_and_cached_models():
-    assert get_model("fewshot") is fewshot and fewshot.COMPARE_METHODS == ()
+    assert get_model("fewshot") is fewshot and fewshot.COMPARE_METHODS == ("maml", "llama")
     assert fewshot.sizes(5) == (196, 128, 64, 5) and fewshot.num_params(5) == 33797
     assert fewshot.make_model(20) is fewshot.make_model(20)  # one function: one compile
     assert fewshot.make_model(20).sizes[-1] == 20 and fewshot.model.n_way == 5
