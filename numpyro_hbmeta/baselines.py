@@ -171,6 +171,15 @@ def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: s
     With ``task_draws=False`` only the globals are returned (no task posterior, no inner
     diagnostics): for models whose dense task posterior is too large to form, e.g. the
     sinusoid's 1761² per task.
+
+    Not estimates, so not exported as such:
+        * globals the objective does not depend on (``MetaEBResult.inactive_sites``, e.g. τ
+          under MAML, whose implicit prior replaces p(φ | θ)) are NaN in ``samples``, named in
+          ``info["inactive_sites"]`` with ``info["inactive_reason"]``; their start value is
+          still what the task posterior is computed at (it does not depend on them);
+        * when the task posterior has no Laplace approximation at the estimate (a
+          precision that is not positive definite; under MAML β·λ ≥ 1 at the fitted globals)
+          only the globals are returned and ``info["task_posterior"]`` says why.
     """
     driver = MetaEB(model, inner=inner, objective=objective, curvature=curvature,
                     optimizer=optimizer, eta=eta)
@@ -178,20 +187,35 @@ def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: s
     start = time.perf_counter()
     fit = driver.run(key_fit, num_steps, support, query, progress_bar=progress_bar,
                      init_params=init_params)
+    info: dict[str, Any] = {"final_loss": float(fit.losses[-1]), "num_steps": num_steps}
+    if isinstance(inner, TruncatedGD):
+        info.update(inner_num_steps=inner.num_steps, inner_step_size=inner.step_size)
+    samples, diagnostics = None, {}
     if task_draws:
-        draws = driver.sample_posterior(key_draws, fit.params, support, num_samples)
-        jax.block_until_ready(draws)
-        samples = {k: np.asarray(v)[None] for k, v in draws.items()}
-    else:
+        try:
+            draws = driver.sample_posterior(key_draws, fit.params, support, num_samples)
+        except FloatingPointError as error:  # reported, never replaced by another Gaussian
+            info["task_posterior"] = f"not formed: {error}"
+        else:
+            jax.block_until_ready(draws)
+            samples = {k: np.asarray(v)[None] for k, v in draws.items()}
+            diagnostics = _eb_diagnostics(driver, fit.params, support)
+    if samples is None:
         samples = {k: np.asarray(v)[None, None] for k, v in fit.params.items()}
     elapsed = time.perf_counter() - start
-    diagnostics = _eb_diagnostics(driver, fit.params, support) if task_draws else {}
+    for name in fit.inactive_sites:  # the start value, not an estimate
+        samples[name] = np.full_like(samples[name], np.nan, dtype=float)
+    info.update(inactive_sites=fit.inactive_sites, boundary_sites=fit.boundary_sites)
+    if fit.inactive_sites:
+        info["inactive_reason"] = INACTIVE_REASON.format(objective=objective)
     return FitResult(objective, model, dict(support), samples, point_sites=tuple(fit.params),
-                     task_diagnostics=diagnostics, wall_time=elapsed,
-                     info={"final_loss": float(fit.losses[-1]), "num_steps": num_steps,
-                           "inactive_sites": fit.inactive_sites,
-                           "boundary_sites": fit.boundary_sites},
+                     task_diagnostics=diagnostics, wall_time=elapsed, info=info,
                      approximate="point estimate of the globals (empirical Bayes)")
+
+
+#: Why an inactive global has no estimate (``FitResult.info["inactive_reason"]``).
+INACTIVE_REASON = ("not estimated: the {objective} objective does not depend on it (zero "
+                   "gradient), so its value would be the random start")
 
 
 def _eb_diagnostics(driver: MetaEB, params, support) -> dict[str, np.ndarray]:
