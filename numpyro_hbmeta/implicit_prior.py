@@ -17,8 +17,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
+from numpyro.distributions import constraints
 
 from numpyro_hbmeta import linalg
 from numpyro_hbmeta.curvature import hessian_blocks
@@ -51,7 +53,60 @@ def _implicit_precision_and_cov(hessians, inner: TruncatedGD):
                                  step_size=inner.step_size)
     cov = jnp.einsum("jik,jk,jlk->jil", vectors, q, vectors)
     precision = jnp.einsum("jik,jk,jlk->jil", vectors, 1.0 / q, vectors)
-    return precision, cov, eigenvalues
+    return precision, cov, eigenvalues, q
+
+
+def _step_size_error(bad: np.ndarray, eigenvalues: np.ndarray, inner: TruncatedGD,
+                     detail: str, *, bound: str = "below") -> ValueError:
+    """The error for tasks ``bad`` (tasks,) bool whose implicit prior does not exist."""
+    tasks = np.flatnonzero(bad)
+    listed = tasks[:10].tolist() + (["..."] if tasks.size > 10 else [])
+    lambda_max = float(np.max(eigenvalues[tasks]))
+    return ValueError(
+        f"implicit_prior: step_size must be {bound} 1/λ_max = {1 / lambda_max:.6g} for "
+        f"task(s) {listed} (step_size β = {inner.step_size:.6g}, largest β·λ = "
+        f"{inner.step_size * lambda_max:.10g}); {detail} Use a smaller step_size "
+        "(numpyro_hbmeta.inner.max_eigenvalue and stable_step_size give one).")
+
+
+def _check_contracting(eigenvalues, inner: TruncatedGD) -> None:
+    """Raise where β·λ ≥ 1 (concrete values only; a no-op under tracing)."""
+    if isinstance(eigenvalues, jax.core.Tracer):
+        return
+    eigenvalues = np.asarray(eigenvalues)
+    bad = ~np.all(inner.step_size * eigenvalues < 1, -1)
+    if bad.any():
+        raise _step_size_error(bad, eigenvalues, inner, (
+            "along an eigenvector with β·λ ≥ 1 gradient descent does not contract "
+            "monotonically (it oscillates, or diverges beyond 2), q = ((1 − βλ)^(−K) − 1)/λ "
+            "is negative or undefined, and no Gaussian prior reproduces the K steps "
+            "(Santos 1996; Grant et al., ICLR 2018, §3.2)."))
+
+
+def _check_representable(eigenvalues, q, cov, inner: TruncatedGD) -> None:
+    """Raise where the implied covariance is not a usable (positive-definite, finite)
+    matrix in this dtype: β·λ just below 1 makes q ~ (1 − βλ)^(−K)/λ astronomically large
+    next to the other directions' variances."""
+    eigenvalues, q, cov = (np.asarray(a) for a in (eigenvalues, q, cov))
+    positive_definite = np.asarray(constraints.positive_definite.check(cov))
+    chol = np.asarray(linalg.cholesky(cov))
+    usable = (np.all(np.isfinite(q) & (q > 0), -1) & positive_definite
+              & np.all(np.isfinite(chol), (-2, -1))
+              & np.all(np.diagonal(chol, axis1=-2, axis2=-1) > 0, -1))
+    if not usable.all():
+        widest = float(np.max(np.where(np.isfinite(q), q, np.inf)[~usable]))
+        raise _step_size_error(~usable, eigenvalues, inner, (
+            f"β·λ is so close to 1 that the implied prior variance "
+            f"((1 − βλ)^(−K) − 1)/λ reaches {widest:.3g} for K = {inner.num_steps}, and the "
+            f"covariance O diag(q) Oᵀ is not positive definite in {cov.dtype} (the prior is "
+            "flat along that eigenvector for all practical purposes)."), bound="well below")
+
+
+def _implicit_pieces(model: Callable, context: TaskContext, support: Mapping[str, Any],
+                     inner: TruncatedGD):
+    density = context.log_density(model, support)
+    hessians = hessian_blocks(lambda p: -density(p).log_lik, context.phi0)
+    return _implicit_precision_and_cov(hessians, inner)
 
 
 def context_at(model: Callable, params: Mapping[str, Any], data: Mapping[str, Any]
@@ -68,17 +123,14 @@ def context_at(model: Callable, params: Mapping[str, Any], data: Mapping[str, An
 
 def implicit_precision(model: Callable, context: TaskContext, support: Mapping[str, Any],
                        inner: TruncatedGD) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Precision (tasks, d, d) and covariance of the implicit prior, linearised at φ⁰."""
-    density = context.log_density(model, support)
-    hessians = hessian_blocks(lambda p: -density(p).log_lik, context.phi0)
-    precision, cov, eigenvalues = _implicit_precision_and_cov(hessians, inner)
-    bad = ~(inner.step_size * eigenvalues < 1).all(-1)
-    if not isinstance(bad, jax.core.Tracer) and bool(bad.any()):
-        worst = float(jnp.max(inner.step_size * eigenvalues))
-        raise FloatingPointError(
-            f"implicit_prior: β·λ_max = {worst:.4g} ≥ 1 for task(s) "
-            f"{jnp.nonzero(bad)[0][:10].tolist()}; gradient descent does not contract there "
-            "and no Gaussian prior reproduces it. Use a smaller step_size.")
+    """Precision (tasks, d, d) and covariance of the implicit prior, linearised at φ⁰.
+
+    Safe under ``jit``/``grad``: with traced values nothing is checked and a task with
+    β·λ ≥ 1 has NaN entries; with concrete values it raises the ``ValueError`` of
+    :func:`implicit_prior` for those tasks.
+    """
+    precision, cov, eigenvalues, _ = _implicit_pieces(model, context, support, inner)
+    _check_contracting(eigenvalues, inner)
     return precision, cov
 
 
@@ -95,9 +147,17 @@ def implicit_prior(model: Callable, params: Mapping[str, Any], support: Mapping[
     Returns:
         ``MultivariateNormal`` with batch shape (tasks,) and event shape (d,): mean φ⁰ = E[φ|θ],
         covariance O diag(q) Oᵀ from the support negative log-likelihood's Hessian at φ⁰.
+
+    Raises:
+        ValueError: for some task β·λ_i ≥ 1 (no Gaussian prior reproduces K steps there), or
+            β·λ_i is so close to 1 that the covariance is not positive definite in the
+            working precision; the message names the tasks, the largest β·λ and the bound
+            1/λ_max that ``step_size`` must stay below.
     """
     if not isinstance(inner, TruncatedGD):
         raise TypeError(f"implicit_prior is defined for TruncatedGD, got {inner!r}")
     context = context_at(model, params, support)
-    _, cov = implicit_precision(model, context, support, inner)
+    _, cov, eigenvalues, q = _implicit_pieces(model, context, support, inner)
+    _check_contracting(eigenvalues, inner)
+    _check_representable(eigenvalues, q, cov, inner)
     return dist.MultivariateNormal(context.phi0, covariance_matrix=cov)
