@@ -67,7 +67,7 @@ from numpyro_hbmeta.inner import TruncatedGD
 from numpyro_hbmeta.kfac import unvec_mlp
 from numpyro_hbmeta.layers import dense_layer
 from numpyro_hbmeta.plate import tasks
-from numpyro_hbmeta.zoo import FitSettings, ZooModel
+from numpyro_hbmeta.zoo import SMALL_CAPS, FitSettings, ZooModel
 
 SUMMARY = ("N-way K-shot Omniglot episodes (synthetic strokes unless a path / HBMETA_OMNIGLOT "
            "is given); MLP on 14x14 images, K-FAC layers")
@@ -502,6 +502,6 @@ ZOO_MODEL = ZooModel(
     name="fewshot", summary=SUMMARY, model=model, load_data=load_data, globals=GLOBALS,
     task_sites=TASK_SITES, laplace_exact=LAPLACE_EXACT,
     default_methods=("maml",), compare_methods=COMPARE_METHODS, fit=FIT_SETTINGS,
-    small_fit=FIT_SETTINGS.shortened({"eb_steps": 100}),
+    small_fit=FIT_SETTINGS.shortened({**SMALL_CAPS, "eb_steps": 100}),
     init_params=init_params, compare_report=compare_report,
 )
