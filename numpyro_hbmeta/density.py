@@ -28,6 +28,7 @@ from numpyro_hbmeta.validate import InputError
 
 __all__ = [
     "IndependenceProbe",
+    "ProbePointError",
     "TaskLogDensity",
     "check_task_independence",
     "flatten",
@@ -151,6 +152,11 @@ def _sum_task_sites(tr, spec: TaskSpec, unconstrained) -> TaskLogDensity:
     return TaskLogDensity(log_lik, log_prior)
 
 
+class ProbePointError(InputError):
+    """The log density (or its gradient) is not finite at the probe point of the
+    independence check: a statement about the point, not about coupling."""
+
+
 class IndependenceProbe(NamedTuple):
     """Per-task values at a probe point Φ along a random direction V, each (tasks,).
 
@@ -221,11 +227,12 @@ def check_task_independence(probe: IndependenceProbe, *, where: str = "") -> Non
     finite = np.isfinite(values) & np.asarray(probe.grad_finite) & np.isfinite(directional)
     if not finite.all():
         bad = np.nonzero(~finite)[0]
-        raise InputError(
+        raise ProbePointError(
             f"the log density of task(s) {bad[:10].tolist()} (or its gradient) is not finite "
             f"at the probe point {where} (log densities {values[bad[:5]].tolist()}), so the "
-            "check that tasks are independent cannot run there; pass params / init_params "
-            "closer to the data (constrained values of the global sites)")
+            "check that tasks are independent cannot run there; pass values of the globals "
+            "closer to the data: marginal.check(support, query, params={...}), or "
+            "MetaEB.run(..., init_params={...}) (constrained values)")
     gap = np.abs(directional - separate)
     tol = 1e-4 * (1.0 + np.abs(separate))
     coupled = np.nonzero(~(gap <= tol))[0]

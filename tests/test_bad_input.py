@@ -384,3 +384,22 @@ def test_probe_is_compiled_once_per_model_and_shapes():
     before = _probe_jit._cache_size()
     hbm.meta_marginal(linear.model, inner=NEWTON).check(dict(S, y=S["y"] * 2.0))
     assert _probe_jit._cache_size() == before
+
+
+def test_implicit_check_warns_when_its_probe_point_is_not_finite():
+    def steep_model(x, y=None):
+        s = numpyro.sample("s", dist.Normal(0.0, 1.0))
+        theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
+        with hbm.tasks(x.shape[0], dim=-2):
+            phi = numpyro.sample("phi", dist.Normal(theta, 1.0).to_event(1))
+            with numpyro.plate("points", x.shape[1], dim=-1):
+                # scale exp(500 s) overflows or underflows anywhere but s ≈ 0
+                numpyro.sample("y", dist.Normal(jnp.sum(x * phi, -1), jnp.exp(500.0 * s)),
+                               obs=y)
+
+    marginal = hbm.meta_marginal(steep_model, inner=NEWTON)
+    params = {"s": jnp.array(0.0), "theta": jnp.zeros(2)}
+    with pytest.warns(UserWarning, match=r"could not check that tasks are independent: the "
+                                         r"log density of task\(s\) \[0, 1, 2\]"):
+        jax.eval_shape(lambda p: log_density(marginal, (S,), {}, p)[0], params)
+    marginal.check(S, params=params)  # at a finite point: checked, no warning
