@@ -26,6 +26,7 @@ sites' own names and the inner/curvature diagnostics (``hbm_*`` sites).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -41,6 +42,7 @@ from numpyro.primitives import Messenger
 from numpyro_hbmeta import sites, validate
 from numpyro_hbmeta.curvature import curvature_builder
 from numpyro_hbmeta.density import (
+    ProbePointError,
     TaskLogDensity,
     check_task_independence,
     flatten,
@@ -292,7 +294,7 @@ class MetaMarginal:
             # Concrete data: a first trace by NUTS/SVI/Predictive, or an eager call. The
             # check is cached by data signature; values are checked for NaNs each time.
             with jax.ensure_compile_time_eval():
-                self.check(support, query)
+                self._check_implicitly(support, query)
         context = self.context(support, query)
         phi_hat, info = self.solve(context, support)
         value, min_eigenvalue = self.task_objective(context, phi_hat, support, query)
@@ -364,6 +366,15 @@ class MetaMarginal:
                 self._check_independence(context, support, query, (key_support, key_query))
                 self._independent.add(signature)
         return context.spec
+
+    def _check_implicitly(self, support, query) -> None:
+        # The sampler's own start search may still find a finite point: warn, do not stop it.
+        try:
+            self.check(support, query)
+        except ProbePointError as err:
+            warnings.warn(f"meta_marginal could not check that tasks are independent: {err}",
+                          stacklevel=3)
+            self._independent.add(_signature(support, query))
 
     def _check_independence(self, context: TaskContext, support, query, keys) -> None:
         where = "θ = {" + ", ".join(f"{name}: {_short(value)}" for name, value in
