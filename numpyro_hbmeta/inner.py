@@ -240,8 +240,8 @@ def stable_step_size(lambda_max: jnp.ndarray, *, margin: float = 0.5) -> jnp.nda
         (tasks,) step sizes (inf where λ_max = 0).
 
     Examples:
-        >>> stable_step_size(jnp.array([50.0, 2.0]), margin=0.5).tolist()
-        [0.01, 0.25]
+        >>> stable_step_size(jnp.array([64.0, -2.0]), margin=0.5).tolist()
+        [0.0078125, 0.25]
     """
     if not 0 < margin < 2:
         raise ValueError(f"stable_step_size: margin must be in (0, 2), got {margin!r}")
