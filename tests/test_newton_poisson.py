@@ -121,3 +121,17 @@ def test_laplace_eb_of_poisson_intercepts_from_a_far_start(x64):
     np.testing.assert_allclose(fits[0].losses[-1], fits[1].losses[-1], rtol=1e-10)
     assert abs(float(fits[0].params["mu"]) - np.log(900.0)) < 0.1
     assert 0 < float(fits[0].params["tau"]) < 0.5
+
+
+def test_newton_damps_an_indefinite_hessian_to_a_minimum(x64):
+    # ℓ(φ) = Σ_i (φ_i² − 1)² + a φ_i: at φ_i = 0.05, ℓ'' = 12φ² − 4 < 0, so the raw Newton
+    # step climbs to the local maximum; the damped direction descends to the minimum on the
+    # side the slope points to, a real root of 4φ³ − 4φ + a = 0 with 12φ² − 4 > 0.
+    a = 0.1
+    loss = lambda p: jnp.sum((p**2 - 1) ** 2 + a * p, -1)  # noqa: E731
+    phi0 = jnp.array([[0.05, -0.05], [0.05, 0.05]])
+    phi, info = jax.jit(hbm.Newton().solve, static_argnums=0)(loss, phi0)
+    roots = np.sort(np.roots([4.0, 0.0, -4.0, a]).real)   # minimum, maximum, minimum
+    expected = np.where(np.asarray(phi0) > roots[1], roots[2], roots[0])
+    np.testing.assert_allclose(phi, expected, atol=1e-12)
+    assert info.converged.all() and (info.num_steps <= 20).all()
