@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-import numpyro.distributions as dist
 import optax
 from numpyro import handlers
 from numpyro.distributions import constraints
@@ -42,17 +41,20 @@ from numpyro_hbmeta.data import take_tasks
 from numpyro_hbmeta.eb_checks import OuterConvergence
 from numpyro_hbmeta.handler import (
     MetaMarginal,
-    TaskContext,
     meta_marginal,
     model_structure,
     trace_hidden,
 )
-from numpyro_hbmeta.implicit_prior import context_at, implicit_precision
+from numpyro_hbmeta.implicit_prior import context_at
 from numpyro_hbmeta.inner import Newton, TruncatedGD
 from numpyro_hbmeta.plate import is_task_frame, task_batch
+from numpyro_hbmeta.posterior import TaskPosterior, laplace_task_posterior
 from numpyro_hbmeta.progress import Progress
 
 __all__ = ["MetaEB", "MetaEBResult", "MetaEBState", "StepInfo", "TaskGaussian"]
+
+#: The old name of the task posterior's type (it is one class for every curvature now).
+TaskGaussian = TaskPosterior
 
 #: Steps per compiled chunk of :meth:`MetaEB.run`; a shorter last chunk reuses the same
 #: compiled code (the surplus iterations are skipped by a ``lax.cond``).
@@ -133,19 +135,6 @@ class MetaEBResult(NamedTuple):
         return None if self.convergence is None else self.convergence.converged
 
 
-class TaskGaussian(dist.MultivariateNormal):
-    """A per-task Gaussian over flat unconstrained task parameters, batch shape (tasks,),
-    with :meth:`to_sites` mapping draws back to constrained site values."""
-
-    def __init__(self, loc, *, precision_matrix, context: TaskContext) -> None:
-        super().__init__(loc, precision_matrix=precision_matrix)
-        self._context = context
-
-    def to_sites(self, value: jnp.ndarray) -> dict[str, jnp.ndarray]:
-        """(..., tasks, d) -> {task site: constrained value (..., *site shape)}."""
-        return self._context.constrained(value)
-
-
 class _Config(NamedTuple):
     """Static facts of a step: they select the compiled code, never its inputs."""
 
@@ -192,7 +181,6 @@ class MetaEB:
         self._guarded_jit = jax.jit(self._guarded, static_argnames=("config",))
         self._chunk_jit = jax.jit(self._chunk, static_argnames=("config", "length"))
         self._loss_jit = jax.jit(self.loss)
-        self._laplace_gaussian_jit = jax.jit(self._laplace_gaussian)
         self._structures: dict[tuple, Any] = {}
 
     # -- the objective --------------------------------------------------------------------
@@ -591,30 +579,21 @@ class MetaEB:
 
     # -- task posteriors ------------------------------------------------------------------
     def task_posterior(self, params: Mapping[str, Any], support: Mapping[str, Any]
-                       ) -> TaskGaussian:
-        """The Laplace Gaussian of each task's flat unconstrained parameters at φ̂_j.
+                       ) -> TaskPosterior:
+        """The Laplace Gaussian of each task's flat unconstrained parameters at φ̂_j, with the
+        driver's own curvature (:func:`~numpyro_hbmeta.posterior.laplace_task_posterior`).
 
-        Precision: the Hessian of the negative log joint at φ̂_j (explicit prior, Newton);
-        under MAML's implicit prior, the implicit prior's precision plus the Hessian of the
+        Precision: the curvature of the negative log joint at φ̂_j (explicit prior, Newton);
+        under MAML's implicit prior, the implicit prior's precision plus the curvature of the
         support negative log-likelihood at φ̂_j (Grant et al. 2018, §3.2 and §4).
+
+        Raises:
+            FloatingPointError: the precision is not positive definite for some tasks (named,
+                with their smallest eigenvalues).
         """
         support = validate.task_data(support, "support")
-        context = context_at(self.model, params, support)
-        phi_hat, precision = self._laplace_gaussian_jit(dict(params), support)
-        # HVP-built Hessians are symmetric only up to roundoff.
-        precision = 0.5 * (precision + jnp.swapaxes(precision, -1, -2))
-        eig = np.asarray(linalg.eigvalsh(precision)[:, 0])
-        if not (eig > 0).all():
-            bad = np.nonzero(~(eig > 0))[0]
-            raise FloatingPointError(
-                f"task_posterior: the precision is not positive definite for task(s) "
-                f"{bad[:20].tolist()} (smallest eigenvalues {eig[bad[:5]].tolist()}); "
-                "the task posterior has no Laplace approximation there"
-                + (". Under MAML's implicit prior a NaN means β·λ ≥ 1 for the support loss's "
-                   "Hessian: the inner gradient descent does not contract, so no Gaussian "
-                   "prior reproduces it; use a smaller step_size"
-                   if self.inner.prior == "implicit" else ""))
-        return TaskGaussian(phi_hat, precision_matrix=precision, context=context)
+        with numpyro.validation_enabled(False):  # our report, not NumPyro's, on bad values
+            return laplace_task_posterior(self.marginal, dict(params), support)
 
     def to_inference_data(self, result: MetaEBResult, support: Mapping[str, Any], *,
                           rng_key=None, num_samples: int = 1000, task_labels=None,
@@ -638,16 +617,6 @@ class MetaEB:
                                           if n not in result.inactive_sites),
                         info=info, approximate="point estimate of the globals (empirical Bayes)")
         return to_inference_data(fit, task_labels=task_labels, query=query)
-
-    def _laplace_gaussian(self, params, support):
-        context = context_at(self.model, params, support)
-        phi_hat, _ = self.marginal.solve(context, support)
-        density = context.log_density(self.model, support)
-        if self.inner.prior == "implicit":
-            prior_precision, _ = implicit_precision(self.model, context, support, self.inner)
-            return phi_hat, prior_precision + hessian_blocks(lambda p: -density(p).log_lik,
-                                                             phi_hat)
-        return phi_hat, hessian_blocks(lambda p: -density(p).log_joint, phi_hat)
 
     def sample_posterior(self, rng_key, params: Mapping[str, Any], support: Mapping[str, Any],
                          num_samples: int) -> dict[str, jnp.ndarray]:

@@ -1,4 +1,17 @@
-"""Shared fixtures (exactness tests run in float64 through ``x64``) and the test order."""
+"""Shared fixtures (exactness tests run in float64 through ``x64``), the test order, and
+JAX's persistent compilation cache for the whole run."""
+
+import os
+from pathlib import Path
+
+# Set before JAX is imported, so every pytest worker and every tutorial or CLI subprocess
+# (which inherit the environment) share one on-disk cache of compiled programs: the same
+# driver on the same shapes, built in several tests or processes, compiles once. Entries are
+# keyed by the program's fingerprint, the JAX version and the device, so a stale entry
+# cannot be used. A user's own setting wins.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax
 import pytest
