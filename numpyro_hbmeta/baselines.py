@@ -25,7 +25,7 @@ import optax
 from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 
 from numpyro_hbmeta import validate
-from numpyro_hbmeta.curvature import FullCurvature
+from numpyro_hbmeta.curvature import FullCurvature, hessian_blocks
 from numpyro_hbmeta.eb import MetaEB
 from numpyro_hbmeta.handler import meta_marginal
 from numpyro_hbmeta.implicit_prior import context_at
@@ -90,12 +90,16 @@ def run_nuts(model: Callable, data: Mapping[str, Any], rng_key, *, num_warmup: i
 
 def _laplace_draws(model: Callable, data: Mapping[str, Any], globals_draws, rng_key,
                    inner) -> dict[str, jnp.ndarray]:
-    """One draw of every task site from the Laplace Gaussian at each draw of the globals."""
-    driver = MetaEB(model, inner=inner, objective="laplace")
+    """One draw of every task site from the Laplace Gaussian at each draw of the globals:
+    N(φ̂_j, H_j⁻¹), H_j the Hessian of the task's negative log joint at its MAP φ̂_j."""
+    marginal = meta_marginal(model, inner=inner, objective="laplace")
     context = context_at(model, {k: v[0, 0] for k, v in globals_draws.items()}, data)
 
     def one(params, key):
-        phi_hat, precision = driver._laplace_gaussian(params, data)
+        at = context_at(model, params, data)
+        phi_hat, _ = marginal.solve(at, data)
+        density = at.log_density(model, data)
+        precision = hessian_blocks(lambda p: -density(p).log_joint, phi_hat)
         return context.constrained(phi_hat + FullCurvature(precision).sample(key, 1)[0])
 
     chains, draws = next(iter(globals_draws.values())).shape[:2]
