@@ -10,13 +10,14 @@ Bayes, and check them against NUTS on the same model.
 from numpyro_hbmeta.compare import compare
 from numpyro_hbmeta.curvature import GGN, KFAC
 from numpyro_hbmeta.data import TaskData
-from numpyro_hbmeta.eb import MetaEB, MetaEBResult
+from numpyro_hbmeta.eb import MetaEB, MetaEBResult, MetaEBState, StepInfo
 from numpyro_hbmeta.handler import MetaMarginal, meta_marginal
 from numpyro_hbmeta.implicit_prior import implicit_prior
 from numpyro_hbmeta.inference_data import to_inference_data
 from numpyro_hbmeta.inner import InnerInfo, Newton, TruncatedGD
 from numpyro_hbmeta.layers import conv2d_layer, dense_layer
 from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.posterior import TaskPosterior
 from numpyro_hbmeta.results import FitResult
 
 __version__ = "0.1.0"
@@ -28,9 +29,12 @@ __all__ = [
     "InnerInfo",
     "MetaEB",
     "MetaEBResult",
+    "MetaEBState",
     "MetaMarginal",
     "Newton",
+    "StepInfo",
     "TaskData",
+    "TaskPosterior",
     "TruncatedGD",
     "baselines",
     "compare",
