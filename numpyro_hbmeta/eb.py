@@ -406,7 +406,8 @@ class MetaEB:
         probe = dict(init_params or {})
         if init_state is not None:
             probe = self._constrained(init_state.params, support, query)
-        self.marginal.check(support, query, rng_key=key_init, params=probe or None)
+        self.marginal.check(support, query, rng_key=key_init, params=probe or None,
+                            params_name="init_params")
         config = self._config(support, query, task_batch_size)
         state = (self.init(key_init, support, query, init_params) if init_state is None
                  else init_state)

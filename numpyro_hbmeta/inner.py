@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_hbmeta import linalg
+from numpyro_hbmeta import linalg, validate
 from numpyro_hbmeta.curvature import hessian_blocks, linear_blocks
 
 __all__ = ["InnerInfo", "Newton", "TruncatedGD", "max_eigenvalue", "stable_step_size"]
@@ -133,11 +133,8 @@ class TruncatedGD:
     checkpoint: bool = False
 
     def __post_init__(self) -> None:
-        if int(self.num_steps) != self.num_steps or self.num_steps < 0:
-            raise ValueError(f"TruncatedGD: num_steps must be a non-negative integer, "
-                             f"got {self.num_steps!r}")
-        if not self.step_size > 0:
-            raise ValueError(f"TruncatedGD: step_size must be positive, got {self.step_size!r}")
+        validate.non_negative_int(self.num_steps, "TruncatedGD: num_steps")
+        validate.positive_number(self.step_size, "TruncatedGD: step_size")
         if self.prior not in ("implicit", "explicit"):
             raise ValueError(f"TruncatedGD: prior must be 'implicit' or 'explicit', "
                              f"got {self.prior!r}")
@@ -369,11 +366,8 @@ class Newton:
     prior: str = dataclasses.field(default="explicit", init=False)
 
     def __post_init__(self) -> None:
-        if int(self.max_steps) != self.max_steps or self.max_steps < 1:
-            raise ValueError(f"Newton: max_steps must be a positive integer, "
-                             f"got {self.max_steps!r}")
-        if not self.tol > 0:
-            raise ValueError(f"Newton: tol must be positive, got {self.tol!r}")
+        validate.positive_int(self.max_steps, "Newton: max_steps")
+        validate.positive_number(self.tol, "Newton: tol")
 
     def _tolerances(self, dtype) -> tuple[float, float]:
         eps = float(jnp.finfo(dtype).eps)
