@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 
-from numpyro_hbmeta import validate
+from numpyro_hbmeta import sites, validate
 from numpyro_hbmeta.curvature import FullCurvature, hessian_blocks
 from numpyro_hbmeta.eb import MetaEB
 from numpyro_hbmeta.handler import meta_marginal
@@ -127,8 +127,8 @@ def run_nuts_marginal(model: Callable, data: Mapping[str, Any], rng_key, *,
     tasks = _laplace_draws(model, data, globals_, key_tasks, inner)
     elapsed += time.perf_counter() - start
     stats, info = _nuts_stats(mcmc)
-    diagnostics = {k.removeprefix("hbm_"): np.asarray(v) for k, v in draws.items()
-                   if k.startswith("hbm_")}
+    diagnostics = {k.removeprefix(sites.PREFIX): np.asarray(v) for k, v in draws.items()
+                   if k.startswith(sites.PREFIX)}
     return FitResult("nuts_marginal", model, dict(data), _numpy({**globals_, **tasks}),
                      task_diagnostics=diagnostics, sample_stats=stats, wall_time=elapsed,
                      info=info)
@@ -168,13 +168,18 @@ def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: s
            num_steps: int = 2000, optimizer=None, num_samples: int = 1000,
            curvature: str = "full", eta: float = 1e-6,
            init_params: Mapping[str, Any] | None = None, task_draws: bool = True,
-           progress_bar: bool = True) -> FitResult:
+           posterior_curvature: Any = None, progress_bar: bool = True) -> FitResult:
     """MetaEB point estimates of the globals and task draws from the Laplace task posterior
     at them (under MAML's implicit prior for ``prior="implicit"``).
 
-    With ``task_draws=False`` only the globals are returned (no task posterior, no inner
-    diagnostics): for models whose dense task posterior is too large to form, e.g. the
-    sinusoid's 1761² per task.
+    ``posterior_curvature`` is the curvature of the task posterior the draws come from
+    (:func:`~numpyro_hbmeta.posterior.laplace_task_posterior`): a name or builder such as
+    ``"ggn"`` or ``KFAC(damping=...)``, kept in its structure (low rank plus diagonal,
+    Kronecker), so a network's task posterior is drawn without a dense d × d matrix;
+    ``None``: the fit's own ``curvature``. It is checked against the objective before the
+    fit (``laplace`` needs the curvature of the log joint: ``"full"`` or ``"diag"``) and
+    named in ``info["posterior_curvature"]``. With ``task_draws=False`` only the globals
+    are returned (no task posterior, no inner diagnostics).
 
     Not estimates, so not exported as such:
         * globals the objective does not depend on (``MetaEBResult.inactive_sites``, e.g. τ
@@ -187,6 +192,9 @@ def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: s
     """
     driver = MetaEB(model, inner=inner, objective=objective, curvature=curvature,
                     optimizer=optimizer, eta=eta)
+    # The posterior's own driver, built (and its curvature checked) before the fit.
+    posterior = driver if posterior_curvature is None else MetaEB(
+        model, inner=inner, objective=objective, curvature=posterior_curvature, eta=eta)
     key_fit, key_draws = jax.random.split(rng_key)
     start = time.perf_counter()
     fit = driver.run(key_fit, num_steps, support, query, progress_bar=progress_bar,
@@ -196,8 +204,9 @@ def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: s
         info.update(inner_num_steps=inner.num_steps, inner_step_size=inner.step_size)
     samples, diagnostics = None, {}
     if task_draws:
+        info["posterior_curvature"] = str(posterior.curvature)
         try:
-            draws = driver.sample_posterior(key_draws, fit.params, support, num_samples)
+            draws = posterior.sample_posterior(key_draws, fit.params, support, num_samples)
         except FloatingPointError as error:  # reported, never replaced by another Gaussian
             info["task_posterior"] = f"not formed: {error}"
         else:

@@ -19,11 +19,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 
-from numpyro_hbmeta.introspect import TaskSpec
+from numpyro_hbmeta.introspect import TaskSpec, flatten, unflatten
+from numpyro_hbmeta.rerun import rerun, task_scale
 from numpyro_hbmeta.validate import InputError
 
 __all__ = [
@@ -49,25 +49,6 @@ class TaskLogDensity(NamedTuple):
         return self.log_lik + self.log_prior
 
 
-def unflatten(spec: TaskSpec, phi: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """(tasks, d) -> unconstrained site values, each in its site's own layout."""
-    out = {}
-    for site in spec.task_sites:
-        rest = tuple(s for a, s in enumerate(site.unconstrained_shape) if a != site.task_axis)
-        block = phi[:, site.offset:site.offset + site.size].reshape((phi.shape[0], *rest))
-        out[site.name] = jnp.moveaxis(block, 0, site.task_axis)
-    return out
-
-
-def flatten(spec: TaskSpec, values: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-    """Unconstrained site values -> (tasks, d), the inverse of :func:`unflatten`."""
-    blocks = []
-    for site in spec.task_sites:
-        value = jnp.moveaxis(values[site.name], site.task_axis, 0)
-        blocks.append(value.reshape(value.shape[0], -1))
-    return jnp.concatenate(blocks, axis=-1)
-
-
 def per_task_sum(x: jnp.ndarray, spec: TaskSpec, name: str) -> jnp.ndarray:
     """Sum a site's batch-shaped log density over every axis but the task axis."""
     x = jnp.asarray(x)
@@ -77,29 +58,6 @@ def per_task_sum(x: jnp.ndarray, spec: TaskSpec, name: str) -> jnp.ndarray:
             f"{spec.subsample_size} at dim {spec.plate_dim}; a task site must depend on its task"
         )
     return jnp.moveaxis(x, spec.plate_dim, 0).reshape(spec.subsample_size, -1).sum(-1)
-
-
-def _user_scale(site: Mapping[str, Any], spec: TaskSpec) -> float | jnp.ndarray:
-    # A subsampled tasks plate scales each site by size / subsample_size; the per-task
-    # objective must not carry that scale (the outer factor does), any other scale stays.
-    scale = site["scale"]
-    if scale is None:
-        return 1.0
-    return scale * spec.subsample_size / spec.size
-
-
-def constrain(site_fn, unconstrained: jnp.ndarray) -> jnp.ndarray:
-    return biject_to(site_fn.support)(unconstrained)
-
-
-def trace_substituted(model: Callable, data: Mapping[str, Any],
-                      substitute_fn: Callable) -> dict[str, Any]:
-    """Trace ``model(**data)`` with ``substitute_fn`` answering every latent site, hidden from
-    outer handlers (an inner re-run must not reach an outer trace, sampler or rng seed)."""
-    with handlers.block(), handlers.trace() as tr, handlers.substitute(
-            substitute_fn=substitute_fn):
-        model(**data)
-    return tr
 
 
 def task_log_density(model: Callable, spec: TaskSpec, globals_: Mapping[str, jnp.ndarray],
@@ -115,22 +73,7 @@ def task_log_density(model: Callable, spec: TaskSpec, globals_: Mapping[str, jnp
         data: the model's keyword arguments for this data set (support or query).
         phi: (tasks, d) unconstrained task parameters.
     """
-    unconstrained = unflatten(spec, phi)
-
-    def substitute_fn(msg):
-        name = msg["name"]
-        if msg["type"] == "plate":
-            return indices if name == spec.plate_name else None
-        if msg["type"] != "sample" or msg.get("is_observed"):
-            return None
-        if name in unconstrained:
-            return constrain(msg["fn"], unconstrained[name])
-        if name in globals_:
-            return globals_[name]
-        raise InputError(f"latent site {name!r} appeared in a re-run of the model but not in "
-                         "its first trace; the model's structure must not depend on values")
-
-    tr = trace_substituted(model, data, substitute_fn)
+    tr, unconstrained = rerun(model, spec, globals_, indices, data, phi)
     return _sum_task_sites(tr, spec, unconstrained)
 
 
@@ -138,7 +81,7 @@ def _sum_task_sites(tr, spec: TaskSpec, unconstrained) -> TaskLogDensity:
     log_lik = log_prior = 0.0
     for name in spec.observed_sites:
         site = tr[name]
-        lp = site["fn"].log_prob(site["value"]) * _user_scale(site, spec)
+        lp = site["fn"].log_prob(site["value"]) * task_scale(site, spec)
         log_lik = log_lik + per_task_sum(lp, spec, name)
     for task_site in spec.task_sites:
         site = tr[task_site.name]
@@ -147,7 +90,7 @@ def _sum_task_sites(tr, spec: TaskSpec, unconstrained) -> TaskLogDensity:
         log_jac = transform.log_abs_det_jacobian(unconstrained[task_site.name], value)
         log_jac = sum_rightmost(log_jac, jnp.ndim(log_jac) - jnp.ndim(value) + len(
             fn.event_shape))
-        lp = (fn.log_prob(value) + log_jac) * _user_scale(site, spec)
+        lp = (fn.log_prob(value) + log_jac) * task_scale(site, spec)
         log_prior = log_prior + per_task_sum(lp, spec, task_site.name)
     return TaskLogDensity(log_lik, log_prior)
 

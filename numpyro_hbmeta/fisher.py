@@ -41,13 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from numpyro import handlers
-from numpyro.distributions.distribution import ExpandedDistribution, MaskedDistribution
 
 from numpyro_hbmeta.curvature import LayerPoints
-from numpyro_hbmeta.density import constrain, unflatten
 from numpyro_hbmeta.introspect import TaskSpec
 from numpyro_hbmeta.layers import layer_offsets
+from numpyro_hbmeta.rerun import rerun, task_scale, unwrap_mask
 
 __all__ = ["LayerColumns", "TaskObservations"]
 
@@ -96,29 +94,9 @@ class TaskObservations(NamedTuple):
              offsets: Mapping[str, Any] | None = None):
         """Trace the model at Φ = ``phi``, hidden from outer handlers; observed values are
         replaced by ``targets(msg)`` when given, layer offsets by ``offsets``."""
-        spec, unconstrained = self.spec, unflatten(self.spec, phi)
-
-        def substitute_fn(msg):
-            name = msg["name"]
-            if msg["type"] == "plate":
-                return self.indices if name == spec.plate_name else None
-            if msg["type"] != "sample":
-                return None
-            if msg.get("is_observed"):
-                return None if targets is None or name not in spec.observed_sites \
-                    else targets(msg)
-            if name in unconstrained:
-                return constrain(msg["fn"], unconstrained[name])
-            if name in self.globals_:
-                return self.globals_[name]
-            raise ValueError(f"latent site {name!r} appeared in a re-run of the model but not "
-                             "in its first trace; the model's structure must not depend on "
-                             "values")
-
         layers = layer_offsets(offsets=offsets)
-        with handlers.block(), handlers.trace() as tr, handlers.substitute(
-                substitute_fn=substitute_fn), layers:
-            self.model(**self.data)
+        tr, _ = rerun(self.model, self.spec, self.globals_, self.indices, self.data, phi,
+                      targets=targets, handlers_=(layers,))
         return tr, layers.messages
 
     def _task_axis(self, site: Mapping[str, Any]) -> int:
@@ -128,13 +106,6 @@ class TaskObservations(NamedTuple):
                              f"{tuple(site['fn'].batch_shape)} has no task axis at dim "
                              f"{self.spec.plate_dim}")
         return batch_ndim + self.spec.plate_dim
-
-    def _scale(self, site: Mapping[str, Any]):
-        # The tasks plate's subsampling scale belongs to the outer factor, not to a task's
-        # curvature; any other scale (handlers.scale) stays.
-        if site["scale"] is None:
-            return 1.0
-        return site["scale"] * self.spec.subsample_size / self.spec.size
 
     # -- the exact GGN -----------------------------------------------------------------------
     def whitened_jacobian(self, phi: jnp.ndarray) -> jnp.ndarray:
@@ -148,7 +119,7 @@ class TaskObservations(NamedTuple):
             for name in self.spec.observed_sites:
                 site = tr[name]
                 value, root = _natural_output(site["fn"], name)
-                root = root * jnp.sqrt(self._scale(site))
+                root = root * jnp.sqrt(task_scale(site, self.spec))
                 axis = self._task_axis(site)
                 values.append(_per_task_flat(value, axis))
                 roots.append(_per_task_flat(jnp.broadcast_to(root, value.shape), axis))
@@ -229,7 +200,8 @@ class TaskObservations(NamedTuple):
                 site = tr[name]
                 # √scale: the per-point gradient then carries scale in g gᵀ, as the
                 # curvature of scale · log p does.
-                log_prob = site["fn"].log_prob(site["value"]) * jnp.sqrt(self._scale(site))
+                root = jnp.sqrt(task_scale(site, self.spec))
+                log_prob = site["fn"].log_prob(site["value"]) * root
                 total = total + jnp.sum(log_prob)
             return total, {m["name"]: m["args"][0] for m in messages}
 
@@ -272,24 +244,11 @@ def _per_task_flat(x: jnp.ndarray, axis: int) -> jnp.ndarray:
     return x.reshape(x.shape[0], -1)
 
 
-def _unwrap(fn) -> tuple[Any, Any]:
-    """The innermost distribution and the mask (broadcast to ``fn.shape()``) around it."""
-    mask = True
-    while isinstance(fn, MaskedDistribution | dist.Independent | ExpandedDistribution):
-        if isinstance(fn, MaskedDistribution) and fn._mask is not True:
-            m = jnp.asarray(fn._mask)
-            m = m.reshape(m.shape + (1,) * len(fn.event_shape))
-            mask = jnp.logical_and(mask, jnp.broadcast_to(m, fn.shape())) \
-                if mask is not True else jnp.broadcast_to(m, fn.shape())
-        fn = fn.base_dist
-    return fn, mask
-
-
 def _natural_output(fn, name: str) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(output, √Λ) broadcast to ``fn.shape()``: Normal → (mean, 1/σ); Bernoulli → (logit,
     √(p(1−p)))."""
     shape = fn.shape()
-    base, mask = _unwrap(fn)
+    base, mask = unwrap_mask(fn)
     if isinstance(base, dist.Normal):
         output, root = base.loc, 1.0 / base.scale
     elif isinstance(base, dist.BernoulliLogits | dist.BernoulliProbs):
@@ -316,7 +275,7 @@ def _per_task_draws(keys: jax.Array, sampler: Callable, shape: tuple[int, ...],
 
 def _sample_target(fn, keys: jax.Array, axis: int, site_key: jax.Array) -> jnp.ndarray:
     shape = fn.shape()
-    base, _ = _unwrap(fn)
+    base, _ = unwrap_mask(fn)
     dtype = jnp.result_type(float)
     if isinstance(base, dist.Normal):
         r = _per_task_draws(keys, lambda k, s: jax.random.rademacher(k, s, dtype), shape, axis)

@@ -29,10 +29,10 @@ import numpy as np
 import numpyro
 import xarray as xr
 from numpyro import handlers
-from numpyro.distributions import MaskedDistribution
 from numpyro.infer import Predictive, log_likelihood
 
 from numpyro_hbmeta.handler import model_structure
+from numpyro_hbmeta.rerun import site_mask
 from numpyro_hbmeta.results import FitResult
 
 __all__ = ["STAT_NAMES", "pointwise_log_likelihood", "task_site_draws", "to_inference_data"]
@@ -97,16 +97,6 @@ class _Observed(NamedTuple):
     mask: np.ndarray | None  # laid out over the batch dims; None when every point is real
 
 
-def _site_mask(site: Mapping[str, Any], batch_shape: tuple[int, ...]) -> np.ndarray | None:
-    mask, fn = np.ones(batch_shape, bool), site["fn"]
-    while fn is not None:
-        if isinstance(fn, MaskedDistribution):
-            inner = fn._mask  # numpyro keeps the handlers.mask array here
-            mask = mask & np.broadcast_to(np.asarray(inner, bool), batch_shape)
-        fn = getattr(fn, "base_dist", None)
-    return None if mask.all() else mask
-
-
 def _plates(site: Mapping[str, Any]) -> dict[int, str]:
     return {frame.dim: frame.name for frame in site.get("cond_indep_stack", ())}
 
@@ -160,7 +150,7 @@ def _observed(trace: Mapping[str, Any], data: Mapping[str, Any], task_dim: str
         plates = _plates(site)
         layout = _layout(name, shape, batch_ndim, plates, task_dim)
         log_lik_layout = _layout(name, shape[:batch_ndim], batch_ndim, plates, task_dim)
-        mask = _site_mask(site, shape[:batch_ndim])
+        mask = site_mask(site["fn"])
         mask = None if mask is None else log_lik_layout.apply(mask, 0)
         out[name] = _Observed(_argument_of(name, site, data), site["value"], layout,
                               log_lik_layout, mask)

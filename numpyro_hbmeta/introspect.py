@@ -14,14 +14,12 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
-import numpy as np
-from numpyro.distributions import MaskedDistribution
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_hbmeta.plate import is_task_frame
 from numpyro_hbmeta.validate import InputError
 
-__all__ = ["SiteSpec", "TaskSpec", "check_model_arguments", "site_mask", "task_spec"]
+__all__ = ["SiteSpec", "TaskSpec", "check_model_arguments", "flatten", "task_spec", "unflatten"]
 
 
 class SiteSpec(NamedTuple):
@@ -77,18 +75,6 @@ def _task_frame(site: Mapping[str, Any]):
 
 def _is_latent(site: Mapping[str, Any]) -> bool:
     return site["type"] == "sample" and not site["is_observed"]
-
-
-def site_mask(fn) -> np.ndarray | None:
-    """The mask of a site's distribution (``numpyro.handlers.mask``, ``dist.mask``) over its
-    batch shape, as a concrete boolean array; ``None`` when every point counts."""
-    mask = np.ones(tuple(fn.batch_shape), bool)
-    while fn is not None:
-        if isinstance(fn, MaskedDistribution) and fn._mask is not True:
-            # numpyro keeps the mask array (or False) in the private ``_mask``
-            mask = mask & np.broadcast_to(np.asarray(fn._mask, bool), mask.shape)
-        fn = getattr(fn, "base_dist", None)
-    return None if mask.all() else mask
 
 
 def _task_site_spec(site: Mapping[str, Any], frame, offset: int) -> SiteSpec:
@@ -189,3 +175,22 @@ def check_task_axis(data: Mapping[str, Any], num_tasks: int, what: str) -> None:
                 f"{what}[{key!r}] has shape {tuple(shape)}: data are task-major, so its leading "
                 f"axis should hold the {num_tasks} tasks of the tasks plate, got {shape[0]}"
             )
+
+
+def unflatten(spec: TaskSpec, phi: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """(tasks, d) -> unconstrained site values, each in its site's own layout."""
+    out = {}
+    for site in spec.task_sites:
+        rest = tuple(s for a, s in enumerate(site.unconstrained_shape) if a != site.task_axis)
+        block = phi[:, site.offset:site.offset + site.size].reshape((phi.shape[0], *rest))
+        out[site.name] = jnp.moveaxis(block, 0, site.task_axis)
+    return out
+
+
+def flatten(spec: TaskSpec, values: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+    """Unconstrained site values -> (tasks, d), the inverse of :func:`unflatten`."""
+    blocks = []
+    for site in spec.task_sites:
+        value = jnp.moveaxis(values[site.name], site.task_axis, 0)
+        blocks.append(value.reshape(value.shape[0], -1))
+    return jnp.concatenate(blocks, axis=-1)

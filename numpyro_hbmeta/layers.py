@@ -37,9 +37,11 @@ import jax
 import jax.numpy as jnp
 from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
 
+from numpyro_hbmeta import sites
+
 __all__ = ["LAYER", "conv2d_layer", "dense_layer", "image_patches", "layer_offsets"]
 
-LAYER = "hbm_dense_layer"
+LAYER = sites.DENSE_LAYER
 """The message type of :func:`dense_layer`."""
 
 

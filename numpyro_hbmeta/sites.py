@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "CURVATURE_MIN_EIGENVALUE",
+    "DENSE_LAYER",
     "INNER_CONVERGED",
     "INNER_DIVERGED",
     "INNER_FINAL_LOSS",
@@ -29,3 +30,4 @@ INNER_NUM_STEPS = "hbm_inner_num_steps"                  # (tasks,) int
 INNER_LOSS = "hbm_inner_loss"                            # (tasks,) inner loss at the start
 INNER_FINAL_LOSS = "hbm_inner_final_loss"                # (tasks,) inner loss at the end
 CURVATURE_MIN_EIGENVALUE = "hbm_curvature_min_eigenvalue"  # (tasks,)
+DENSE_LAYER = "hbm_dense_layer"                          # message type of layers.dense_layer
