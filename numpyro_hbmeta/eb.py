@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import optax
+from jax.sharding import Mesh
 from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-from numpyro_hbmeta import eb_checks, linalg, sites, validate
-from numpyro_hbmeta.curvature import hessian_blocks
+from numpyro_hbmeta import eb_checks, sharding, sites, validate
 from numpyro_hbmeta.data import take_tasks
 from numpyro_hbmeta.eb_checks import OuterConvergence
 from numpyro_hbmeta.handler import (
@@ -46,7 +46,7 @@ from numpyro_hbmeta.handler import (
     trace_hidden,
 )
 from numpyro_hbmeta.implicit_prior import context_at
-from numpyro_hbmeta.inner import Newton, TruncatedGD
+from numpyro_hbmeta.inner import Newton, TruncatedGD, max_eigenvalue
 from numpyro_hbmeta.plate import is_task_frame, task_batch
 from numpyro_hbmeta.posterior import TaskPosterior, laplace_task_posterior
 from numpyro_hbmeta.progress import Progress
@@ -161,12 +161,19 @@ class MetaEB:
             that need ``value``/``grad``/``value_fn`` (``optax.lbfgs``) are supported.
         eta: LLAMA's η.
         hyperprior: add log p(θ) (MAP-II) instead of pure type-II maximum likelihood.
+        mesh: shard the tasks over devices: a ``jax.sharding.Mesh`` with a ``"tasks"`` axis,
+            ``"auto"`` for every local device, or ``None`` (default). :meth:`run` places the
+            data split along the task axis and the globals replicated
+            (:mod:`numpyro_hbmeta.sharding`); the numbers equal the unsharded run's up to
+            the order of the sum over tasks.
     """
 
     def __init__(self, model: Callable, *, inner: TruncatedGD | Newton, objective: str,
                  curvature: str = "full", optimizer: optax.GradientTransformation | None = None,
-                 eta: float = 1e-6, hyperprior: bool = False) -> None:
+                 eta: float = 1e-6, hyperprior: bool = False,
+                 mesh: Mesh | str | None = None) -> None:
         self.model = model
+        self.mesh = sharding.task_mesh(mesh)
         self.inner = inner
         self.marginal: MetaMarginal = meta_marginal(model, inner=inner, objective=objective,
                                                     curvature=curvature, eta=eta)
@@ -280,6 +287,16 @@ class MetaEB:
                              f"(the model's plate has size {spec.size} and subsample_size "
                              f"{spec.subsample_size})")
         return _Config(spec.subsample_size, batch, spec.plate_name)
+
+    def shard(self, support, query=None) -> tuple[dict, dict | None]:
+        """Validated data, split along the task axis over ``mesh`` when the driver has one
+        (what :meth:`run` does with the data it is given)."""
+        support = validate.task_data(support, "support")
+        query = None if query is None else validate.task_data(query, "query")
+        if self.mesh is None:
+            return support, query
+        return (sharding.shard_tasks(support, self.mesh, "support"),
+                None if query is None else sharding.shard_tasks(query, self.mesh, "query"))
 
     def _batch_objective(self, params, support, query, indices, config: _Config):
         if indices is None:
@@ -401,8 +418,7 @@ class MetaEB:
             source = _Episodes(task_source, jax.random.split(rng_key, 3)[2])
             start = 0 if init_state is None else int(init_state.step)
             support, query = source.get(start)
-        support = validate.task_data(support, "support")
-        query = None if query is None else validate.task_data(query, "query")
+        support, query = self.shard(support, query)
         probe = dict(init_params or {})
         if init_state is not None:
             probe = self._constrained(init_state.params, support, query)
@@ -411,6 +427,8 @@ class MetaEB:
         config = self._config(support, query, task_batch_size)
         state = (self.init(key_init, support, query, init_params) if init_state is None
                  else init_state)
+        if self.mesh is not None:
+            state = sharding.replicate(state, self.mesh)
         monitor = _Monitor(self, config, key_steps)
         losses: list[np.ndarray] = []
         with Progress(num_steps, f"MetaEB {self.marginal.objective}",
@@ -443,7 +461,7 @@ class MetaEB:
         infos, data = [], []
         first = int(state.step)  # one host sync per chunk
         for i in range(n):
-            support, query = source.get(first + i)
+            support, query = self.shard(*source.get(first + i))
             data.append((support, query))
             state, info = self._guarded_jit(state, key_steps, support, query, config=config)
             infos.append(info)
@@ -758,17 +776,12 @@ class _Monitor:
 
 def _lambda_max(driver: MetaEB, params, support, tasks) -> np.ndarray:
     """Largest eigenvalue of the inner loss's Hessian at φ⁰ for ``tasks`` (eager)."""
-    from numpyro_hbmeta import inner as inner_module
-
     constrained = driver._constrained(params, support, None)
     subset = take_tasks(support, jnp.asarray(tasks))
     with numpyro.validation_enabled(False):
         context = context_at(driver.model, constrained, subset)
         loss = driver.marginal.inner_loss(context, subset)
-        if hasattr(inner_module, "max_eigenvalue"):
-            return np.asarray(inner_module.max_eigenvalue(loss, context.phi0))
-        hessians = hessian_blocks(loss, context.phi0)
-        return np.asarray(linalg.eigvalsh(hessians)[:, -1])
+        return np.asarray(max_eigenvalue(loss, context.phi0))
 
 
 def _inner_remedy(inner) -> str:
