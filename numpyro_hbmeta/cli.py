@@ -145,6 +145,10 @@ def _compare(args: argparse.Namespace, zoo, methods: list[str], out: Path) -> in
         print(f"hbmeta: {zoo.name} has no query set; skipping {', '.join(skipped)} "
               "(they score held-out query data)", file=sys.stderr)
         methods = [m for m in methods if m not in skipped]
+        if not methods:
+            print(f"hbmeta: nothing left to run for {zoo.name}; choose among "
+                  f"{', '.join(m for m in zoo.default_methods)} (its defaults)", file=sys.stderr)
+            return 2
     bars = not args.no_progress and is_terminal()
     lines = not args.no_progress and not bars  # plain start/finish lines off a terminal
     results = []

@@ -9,9 +9,9 @@ maximiser of a likelihood does not depend on the parametrisation).
 
 The driver is built like NumPyro's ``SVI`` and BlackJAX's kernels: :meth:`MetaEB.init` gives a
 :class:`MetaEBState`, :meth:`MetaEB.update` is one pure, jit-compiled optimiser step returning
-``(state, StepInfo)``, and :meth:`MetaEB.run` is a thin loop over it: chunks of steps under
-``lax.scan`` (one host sync per chunk, none per step), the same compiled code on every call,
-with or without a progress bar, on fixed data or on a stream of fresh episodes
+``(state, StepInfo)``, and :meth:`MetaEB.run` is a thin loop over it: chunks of steps, each
+one compiled ``lax.while_loop`` (one host sync per chunk, none per step), the same compiled
+code on every call, with or without a progress bar, on fixed data or on a stream of fresh episodes
 (``task_source``).
 
 Step keys: ``run(rng_key, ...)`` splits ``key_init, key_steps = jax.random.split(rng_key)``
@@ -234,10 +234,10 @@ class MetaEB:
         support = validate.task_data(support, "support")
         globals_ = self._global_sites(rng_key, support)
         init_params = dict(init_params or {})
-        unknown = set(init_params) - set(globals_)
+        unknown = sorted(set(init_params) - set(globals_))
         if unknown:
-            raise ValueError(f"init_params has {sorted(unknown)}, which are not global sites "
-                             f"of the model (globals: {sorted(globals_)})")
+            raise validate.InputError(f"init_params has {unknown}, which are not global sites "
+                                      f"of the model (global sites: {list(globals_)})")
         params = {}
         keys = jax.random.split(rng_key, max(len(globals_), 1))
         for key, (name, site) in zip(keys, globals_.items(), strict=False):
@@ -246,11 +246,13 @@ class MetaEB:
             if name in init_params:
                 value = jnp.asarray(init_params[name], dtype=jnp.result_type(float))
                 if value.shape != jnp.shape(site["value"]):
-                    raise ValueError(f"init_params[{name!r}] has shape {value.shape}, the site "
-                                     f"has shape {jnp.shape(site['value'])}")
+                    raise validate.InputError(
+                        f"init_params[{name!r}] has shape {value.shape}, but global site "
+                        f"{name!r} has shape {jnp.shape(site['value'])}")
                 if not bool(jnp.all(support_(value))) or not bool(jnp.all(jnp.isfinite(value))):
-                    raise ValueError(f"init_params[{name!r}] = {np.asarray(value).tolist()} is "
-                                     f"outside the support of the site ({support_})")
+                    raise validate.InputError(
+                        f"init_params[{name!r}] = {np.asarray(value).tolist()} is outside the "
+                        f"support of global site {name!r} ({support_}); pass a constrained value")
                 params[name] = transform.inv(value)
             else:
                 shape = transform.inverse_shape(jnp.shape(site["value"]))

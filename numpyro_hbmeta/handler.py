@@ -227,8 +227,10 @@ class MetaMarginal:
                   ) -> TaskSpec:
         """Validate both data sets against the model (shape-only runs); the task structure."""
         if self.objective in ("maml", "llama") and query is None:
-            raise validate.InputError(f"objective={self.objective!r} scores the query set: "
-                                      "pass marginal(support, query)")
+            raise validate.InputError(
+                f"objective={self.objective!r} scores the query set, and none was passed: "
+                "pass marginal(support, query), or MetaEB.run(rng_key, num_steps, support, "
+                "query)")
         if self.objective == "laplace" and query is not None:
             raise validate.InputError(
                 "objective='laplace' is the evidence of the support data, but a query was "
@@ -333,7 +335,8 @@ class MetaMarginal:
         first concrete call (e.g. under NUTS); drivers call it before fitting.
 
         Args:
-            support, query: the model's keyword arguments, task-major.
+            support: the model's keyword arguments for the support set, task-major.
+            query: the same for the query set, or ``None``.
             rng_key: for the random probe direction and for the globals not in ``params``.
             params: constrained values of global sites at which to probe (e.g. the user's
                 ``init_params`` or the current fit); missing ones start like NumPyro's

@@ -22,7 +22,7 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions import constraints
 
-from numpyro_hbmeta import linalg
+from numpyro_hbmeta import linalg, validate
 from numpyro_hbmeta.curvature import hessian_blocks
 from numpyro_hbmeta.handler import TaskContext, trace_globals
 from numpyro_hbmeta.inner import TruncatedGD
@@ -112,11 +112,16 @@ def _implicit_pieces(model: Callable, context: TaskContext, support: Mapping[str
 def context_at(model: Callable, params: Mapping[str, Any], data: Mapping[str, Any]
                ) -> TaskContext:
     """Trace the model's globals at ``params`` (constrained) on ``data``, eagerly."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of the global sites' constrained values, got "
+                        f"{type(params).__name__}")
+    params = {name: jnp.asarray(value) for name, value in params.items()}
+    data = validate.task_data(data, "data")
     with handlers.block(), handlers.seed(rng_seed=0), handlers.substitute(data=dict(params)):
         context = trace_globals(model, data)
     missing = [name for name in context.spec.global_sites if name not in params]
     if missing:
-        raise ValueError(f"params lacks the global site(s) {missing}; "
+        raise validate.InputError(f"params lacks the global site(s) {missing}; "
                          f"the model's globals are {list(context.spec.global_sites)}")
     return context
 

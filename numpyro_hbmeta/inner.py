@@ -136,7 +136,7 @@ class TruncatedGD:
         validate.non_negative_int(self.num_steps, "TruncatedGD: num_steps")
         validate.positive_number(self.step_size, "TruncatedGD: step_size")
         if self.prior not in ("implicit", "explicit"):
-            raise ValueError(f"TruncatedGD: prior must be 'implicit' or 'explicit', "
+            raise validate.InputError(f"TruncatedGD: prior must be 'implicit' or 'explicit', "
                              f"got {self.prior!r}")
 
     def solve(self, loss: TaskLoss, phi0: jnp.ndarray) -> tuple[jnp.ndarray, InnerInfo]:
