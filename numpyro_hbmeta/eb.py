@@ -188,6 +188,7 @@ class MetaEB:
         self._guarded_jit = jax.jit(self._guarded, static_argnames=("config",))
         self._chunk_jit = jax.jit(self._chunk, static_argnames=("config", "length"))
         self._loss_jit = jax.jit(self.loss)
+        self._lambda_max_jit = jax.jit(self._lambda_max_at)
         self._structures: dict[tuple, Any] = {}
 
     # -- the objective --------------------------------------------------------------------
@@ -485,6 +486,7 @@ class MetaEB:
                 f"{convergence.describe()}. Run longer (run(..., init_state=result.state) goes "
                 "on from here), lower the learning rate if the loss oscillates, or use "
                 "optax.lbfgs() for a deterministic objective.", stacklevel=3)
+        self._warn_if_no_implicit_prior(params, support, query)
         boundary = tuple(n for n in self._boundary_or_warn(params, support, query)
                          if n not in inactive)
         if boundary:
@@ -497,6 +499,34 @@ class MetaEB:
                 "full Bayes over the globals with NUTS on meta_marginal(...).", stacklevel=3)
         return MetaEBResult(params, losses, state, inactive, boundary,
                             convergence)
+
+    def _warn_if_no_implicit_prior(self, params, support, query) -> None:
+        """Under MAML's implicit prior, warn when β·λ_max ≥ 1 at the fitted globals for some
+        task: K steps of size β then imply no Gaussian prior, and ``task_posterior`` will
+        refuse. Checked where it is cheap (d ≤ 64: exact per-task Hessians)."""
+        inner = self.inner
+        spec = self._structures.get(_data_key(support, query))
+        if not (isinstance(inner, TruncatedGD) and inner.prior == "implicit" and inner.num_steps
+                and spec is not None and spec.dim <= 64):
+            return
+        lam = self._lambda_max_jit(dict(params), support)
+        product = inner.step_size * np.asarray(lam)
+        bad = np.nonzero(~(product < 1))[0]
+        if bad.size:
+            worst = int(bad[np.argmax(product[bad])]) if np.isfinite(product[bad]).any() \
+                else int(bad[0])
+            warnings.warn(
+                f"MetaEB: at the fitted globals β·λ_max ≥ 1 for {bad.size} task(s), e.g. "
+                f"{bad[:10].tolist()} (task {worst}: β = {inner.step_size:g}, 1/λ_max = "
+                f"{1 / lam[worst]:.3g}): K steps of size β imply no Gaussian prior there, so "
+                "MAML's Bayesian reading (the implicit prior, task_posterior) does not hold. "
+                f"Use TruncatedGD(step_size < {1 / np.max(lam[bad]):.3g}); with a learned "
+                "noise scale σ, MAML shrinks σ and so enlarges the effective step β/σ².",
+                stacklevel=4)
+
+    def _lambda_max_at(self, params, support):
+        context = context_at(self.model, params, support)
+        return max_eigenvalue(self.marginal.inner_loss(context, support), context.phi0)
 
     def _boundary_or_warn(self, params, support, query) -> tuple[str, ...]:
         try:

@@ -311,6 +311,12 @@ def test_masked_observations_may_hold_nan_but_covariates_may_not():
     value, grads = jax.jit(jax.value_and_grad(
         lambda p: log_density(marginal, (padded,), {}, p)[0]))({"theta": jnp.zeros(2)})
     assert np.isfinite(value) and np.all(np.isfinite(grads["theta"]))
+    # The same objective and gradient as zero padding, exactly: the mask removes the value.
+    zero = dict(with_value(S, "y", (0, 3), 0.0), mask=mask)
+    value0, grads0 = jax.jit(jax.value_and_grad(
+        lambda p: log_density(marginal, (zero,), {}, p)[0]))({"theta": jnp.zeros(2)})
+    np.testing.assert_array_equal(value, value0)
+    np.testing.assert_array_equal(grads["theta"], grads0["theta"])
     with pytest.raises(ValueError, match=r"support\['y'\].*task 1 point 3"):
         marginal.check(dict(with_value(padded, "y", (1, 3), jnp.nan)))
     with pytest.raises(ValueError, match=r"support\['x'\] holds NaN.*even where masked"):

@@ -213,3 +213,18 @@ def test_outer_convergence_is_judged_and_reported(x64, data, maml):
         exact = driver.run(jax.random.PRNGKey(12), 60, data.all_data(), progress_bar=False)
     assert exact.converged is True
     assert exact.convergence.grad_norm <= exact.convergence.grad_tol
+
+
+def test_maml_warns_when_the_implicit_prior_does_not_exist_at_the_fit(x64, data):
+    # β·λ_max ≥ 1 for every task at σ = 0.3 (λ_max of XᵀX/σ² is ~100 here), with the fit
+    # frozen there (sgd with a negligible rate): the warning names the tasks and the bound.
+    x = np.asarray(data.support["x"])
+    lam = np.array([np.linalg.eigvalsh(xj.T @ xj).max() for xj in x]) / 0.3**2
+    beta = 1.05 / lam.min()
+    assert np.all(beta * lam >= 1) and np.all(beta * lam < 2)  # the loss still falls
+    driver = hbm.MetaEB(linear.model, inner=hbm.TruncatedGD(1, float(beta)), objective="maml",
+                        optimizer=optax.sgd(1e-12))
+    start = {"theta": jnp.array([0.5, 0.5]), "tau": jnp.array(1.0), "sigma": jnp.array(0.3)}
+    with pytest.warns(UserWarning, match=r"at the fitted globals β·λ_max ≥ 1 for 6 task\(s\)"):
+        quiet_run(driver, jax.random.PRNGKey(13), 2, data.support, data.query,
+                  init_params=start)
