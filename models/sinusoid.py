@@ -46,7 +46,6 @@ from jax.scipy.stats import norm
 from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 
-from numpyro_hbmeta import linalg
 from numpyro_hbmeta.curvature import KFAC, DiagCurvature
 from numpyro_hbmeta.data import TaskData
 from numpyro_hbmeta.handler import meta_marginal
@@ -54,6 +53,7 @@ from numpyro_hbmeta.implicit_prior import context_at
 from numpyro_hbmeta.kfac import unvec_mlp
 from numpyro_hbmeta.layers import dense_layer
 from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.posterior import TaskPosterior, as_precision
 from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "MAML's sinusoid regression, simulated; 1-40-40-1 ReLU net, K-FAC layers"
@@ -84,14 +84,20 @@ COMPARE_METHODS: tuple[str, ...] = ("maml", "llama")
 #
 # PRIOR_PRECISION = 1/(Kβ) is the precision that K steps of size β leave a direction the data
 # do not constrain (Santos 1996; Grant et al. 2018, §3.2): the damping of LLAMA's K-FAC, i.e.
-# the isotropic prior of its Laplace task posterior. task_draws=False tells
-# ``hbmeta compare`` not to form the dense 1761² Laplace posterior of every task
-# (``compare_report`` scores held-out tasks with the K-FAC predictive instead). The step is
+# the isotropic prior of its Laplace task posterior. Task draws of EB fits would come from
+# the GGN task posterior under MAML's implicit prior (``posterior_curvature``: low rank plus
+# diagonal, no 1761² matrix; ~9 s and ~0.7 GB for 1000 draws of 25 tasks), but
+# task_draws=False: ``hbmeta compare`` would export 1761 weights × tasks per draw (netCDF,
+# a forest plot of 44k rows), and at the fitted globals β·λ_max ≈ 1.0–2.6 per task (GGN
+# of the --small fit), where no implicit prior exists, so ``run_eb`` reports the task
+# posterior as not formed (``compare_report`` scores held-out tasks with the K-FAC
+# predictive instead). The step is
 # tuned, not chosen from the data: λ_max of a 1761-weight network's Hessian per task would
 # cost 1761 Hessian-vector products per task, and the tuned β adapts best (measured above).
 PRIOR_PRECISION = 1.0 / (5 * 0.003)
 FIT_SETTINGS = FitSettings(maml_steps=5, maml_step_size=0.003, eb_learning_rate=1e-2,
-                           llama_curvature=KFAC(damping=PRIOR_PRECISION), task_draws=False)
+                           llama_curvature=KFAC(damping=PRIOR_PRECISION), task_draws=False,
+                           posterior_curvature="ggn")
 # Legacy view of FIT_SETTINGS for existing callers (``sinusoid.FIT["maml_steps"]``).
 FIT = {k: getattr(FIT_SETTINGS, k) for k in ("maml_steps", "maml_step_size",
                                               "eb_learning_rate", "llama_curvature",
@@ -344,11 +350,14 @@ def laplace_predictive(params, support, x, *, inner, curvature=None, net: Sinuso
 
         f(x) ~ N(f(x; φ̂_j), J_j Ĥ_j⁻¹ J_jᵀ),   J_j = ∂f(x; φ)/∂φ at φ̂_j,
 
-    with ``num_samples`` draws of f(x) from that Gaussian, i.e. of f(x; φ̂_j) + J_j δ_j,
-    δ_j ~ N(0, Ĥ_j⁻¹), drawn through the points × points covariance (the same distribution
-    as pushing the curvature's own ``sample`` through J_j). An earlier version of this
-    function hung on CPU: concurrent batched LAPACK calls deadlock XLA's thread pool in
-    jaxlib 0.10–0.11, which :mod:`numpyro_hbmeta.linalg` now avoids.
+    with ``num_samples`` draws f(x; φ̂_j) + J_j S_j z, S_j S_jᵀ = Ĥ_j⁻¹, z ~ N(0, I_d). The
+    posterior is ``TaskPosterior(φ̂, as_precision(Ĥ))`` in the curvature's own structure
+    (Kronecker, diagonal, low rank plus diagonal) and the predictive its
+    :meth:`~numpyro_hbmeta.posterior.TaskPosterior.linearised_predictive`: no d × d matrix
+    and no Jacobian across tasks is formed. Ĥ_j is the curvature as given (δ its prior
+    part), not the implicit-prior posterior of
+    :func:`~numpyro_hbmeta.posterior.laplace_task_posterior` (which would add MAML's
+    implicit prior to the damping δ = 1/τ² that already stands for it).
 
     Args:
         params: constrained globals, ``{"theta": (d,)}``.
@@ -360,38 +369,34 @@ def laplace_predictive(params, support, x, *, inner, curvature=None, net: Sinuso
         rng_key: key of the function draws.
         num_samples: number of function draws.
     """
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    mean, cov, draws = _laplace_predictive(dict(params), dict(support), jnp.asarray(x),
+                                           rng_key, inner=inner, curvature=curvature, net=net,
+                                           num_samples=int(num_samples))
+    return Predictive(mean, cov, draws, net.noise)
+
+
+@partial(jax.jit, static_argnames=("inner", "curvature", "net", "num_samples"))
+def _laplace_predictive(params, support, x, rng_key, *, inner, curvature, net: SinusoidNet,
+                        num_samples: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(mean, covariance, draws) of :func:`laplace_predictive`; jitted once per setting and
+    shape (the data are arguments, not captured)."""
     marginal = meta_marginal(net.model, inner=inner, objective="maml")
     context = context_at(net.model, params, support)
-    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    phi_hat, _ = marginal.solve(context, support)
 
-    @jax.jit
-    def compute(support, x, rng_key):
-        phi_hat, _ = marginal.solve(context, support)
-        mean = net.network(phi_hat, x)
+    def network_at_x(phi):
+        return net.network(phi, x)
+
+    if curvature is None:
+        mean = network_at_x(phi_hat)
         num_tasks, num_points = mean.shape
-        if curvature is None:
-            return (mean, jnp.zeros((num_tasks, num_points, num_points), mean.dtype),
-                    jnp.broadcast_to(mean, (num_samples, num_tasks, num_points)))
-        precision = curvature(marginal.inner_loss(context, support), phi_hat,
-                              context.observations(net.model, support))
-
-        def one_task(phi, x):
-            return net.network(phi[None], x[None])[0]
-
-        jac = jax.vmap(jax.jacrev(one_task))(phi_hat, x)  # (tasks, points, d)
-        solved = jax.vmap(precision.solve, in_axes=1, out_axes=1)(jac)  # Ĥ⁻¹ Jᵀ, per point
-        cov = jnp.einsum("tnd,tmd->tnm", jac, solved)
-        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-        # J δ with δ ~ N(0, Ĥ⁻¹) is N(0, J Ĥ⁻¹ Jᵀ): draw it from the points × points
-        # covariance (its symmetric square root; rank-deficient when points > d is fine).
-        values, vectors = linalg.eigh(cov)
-        root = vectors * jnp.sqrt(jnp.clip(values, 0.0))[..., None, :]
-        z = jax.random.normal(rng_key, (num_samples, num_tasks, num_points), mean.dtype)
-        draws = mean + jnp.einsum("tnk,stk->stn", root, z)
-        return mean, cov, draws
-
-    mean, cov, draws = compute(support, jnp.asarray(x), rng_key)
-    return Predictive(mean, cov, draws, net.noise)
+        return (mean, jnp.zeros((num_tasks, num_points, num_points), mean.dtype),
+                jnp.broadcast_to(mean, (num_samples, num_tasks, num_points)))
+    precision = as_precision(curvature(marginal.inner_loss(context, support), phi_hat,
+                                       context.observations(net.model, support)))
+    return tuple(TaskPosterior(phi_hat, precision).linearised_predictive(
+        network_at_x, rng_key=rng_key, num_samples=num_samples))
 
 
 def predictive_log_lik(params, support, query, *, inner, curvature=None,

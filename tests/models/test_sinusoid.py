@@ -144,6 +144,63 @@ def test_predictive_log_lik_matches_a_dense_hand_computation(x64):
                                expected["laplace pointwise"], rtol=1e-9)
 
 
+@pytest.mark.parametrize("sizes, num_points", [((1, 4, 3, 1), 5), ((1, 2, 1), 9)])
+def test_laplace_predictive_is_the_dense_glm_predictive_of_each_curvature(x64, sizes,
+                                                                          num_points):
+    # TaskPosterior's linearised predictive, in each curvature's own structure, against
+    # J P⁻¹ Jᵀ from dense per-task Jacobians and dense P: fewer points than weights
+    # (m VJPs and solves) and more (d JVPs of the posterior's square root).
+    net = sinusoid.SinusoidNet(sizes)
+    data = sinusoid.simulate(jax.random.PRNGKey(11), num_tasks=2, shots=3,
+                             num_query=num_points, noise=net.noise)
+    params = net.init_params(jax.random.PRNGKey(12))
+    inner = hbm.TruncatedGD(2, 0.01)
+    marginal = hbm.meta_marginal(net.model, inner=inner, objective="maml")
+    context = context_at(net.model, params, data.support)
+    phi_hat, _ = jax.jit(lambda: marginal.solve(context, data.support))()
+    x = data.query["x"]
+
+    @jax.jit
+    def jacobian(inputs):  # dense per-task Jacobian of f at φ̂_j, (tasks, points, d)
+        one_task = jax.jacrev(lambda phi, points: net.network(phi[None], points[None])[0])
+        return jax.vmap(one_task)(phi_hat, inputs)
+
+    support_jac = np.asarray(jacobian(data.support["x"])) / net.noise
+    ggn = np.einsum("tnd,tne->tde", support_jac, support_jac)
+    query_jac = np.asarray(jacobian(x))
+    damping, d = 0.5, net.num_params
+    loss = marginal.inner_loss(context, data.support)
+    observations = context.observations(net.model, data.support)
+    precisions = {
+        "ggn": (GGN(damping=damping), ggn + damping * np.eye(d)),
+        "diag": (sinusoid.DiagGGN(damping=damping),
+                 np.stack([np.diag(np.diag(g) + damping) for g in ggn])),
+        "kfac": (hbm.KFAC(damping=damping),
+                 np.asarray(jax.jit(lambda: hbm.KFAC(damping=damping)(
+                     loss, phi_hat, observations).dense())())),
+    }
+    mean = net.network(phi_hat, x)
+    num_samples = 4000
+    for name, (builder, dense) in precisions.items():
+        expected = np.einsum("tnd,tde,tme->tnm", query_jac, np.linalg.inv(dense), query_jac)
+        got = sinusoid.laplace_predictive(params, data.support, x, inner=inner,
+                                          curvature=builder, net=net,
+                                          rng_key=jax.random.PRNGKey(13),
+                                          num_samples=num_samples)
+        np.testing.assert_allclose(got.mean, mean, rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got.function_cov, expected, rtol=1e-8, atol=1e-12,
+                                   err_msg=name)
+        # The draws: f(φ̂) + J S z has covariance J P⁻¹ Jᵀ; 5 standard errors of each
+        # entry of the sample covariance, (Σ_ii Σ_jj + Σ_ij²) / S.
+        centred = np.asarray(got.function_draws) - np.asarray(mean)
+        sample_cov = np.einsum("stn,stm->tnm", centred, centred) / num_samples
+        variance = np.diagonal(expected, axis1=-2, axis2=-1)
+        error = np.sqrt((variance[..., :, None] * variance[..., None, :] + expected**2)
+                        / num_samples)
+        np.testing.assert_array_less(np.abs(sample_cov - expected), 5 * error + 1e-12,
+                                     err_msg=name)
+
+
 def test_diag_ggn_is_the_hessian_diagonal_of_a_relu_net(x64):
     # f is piecewise linear in each single weight of a ReLU net, so the Hessian diagonal of
     # the squared loss is the GGN diagonal (away from kinks, which random inputs avoid).
