@@ -47,7 +47,7 @@ from numpyro_hbmeta.handler import (
 )
 from numpyro_hbmeta.implicit_prior import context_at
 from numpyro_hbmeta.inner import Newton, TruncatedGD, max_eigenvalue
-from numpyro_hbmeta.plate import is_task_frame, task_batch
+from numpyro_hbmeta.plate import is_task_frame
 from numpyro_hbmeta.posterior import TaskPosterior, laplace_task_posterior
 from numpyro_hbmeta.progress import Progress
 
@@ -192,10 +192,14 @@ class MetaEB:
         self._structures: dict[tuple, Any] = {}
 
     # -- the objective --------------------------------------------------------------------
-    def _trace(self, unconstrained, support, query):
+    def _trace(self, unconstrained, support, query, plate_indices=None):
+        plate_name = None if plate_indices is None else plate_indices[0]
+
         def substitute_fn(msg):
             if msg["type"] == "sample" and msg["name"] in unconstrained:
                 return biject_to(msg["fn"].support)(unconstrained[msg["name"]])
+            if msg["type"] == "plate" and msg["name"] == plate_name:
+                return plate_indices[1]  # a batch of tasks keeps its indices in the J tasks
             return None
 
         with handlers.block(), handlers.trace() as tr, handlers.substitute(
@@ -203,15 +207,31 @@ class MetaEB:
             self.marginal(support, query)
         return tr
 
-    def _objective(self, unconstrained, support, query):
-        """(−Σ_j objective_j [− log p(θ)], per-task inner flags (diverged, unconverged))."""
-        tr = self._trace(unconstrained, support, query)
+    def _objective(self, unconstrained, support, query, task_indices=None):
+        """(−Σ_j objective_j [− log p(θ)], per-task inner flags (diverged, unconverged)).
+
+        With ``task_indices`` (B of the J tasks of ``support``), the model sees those tasks'
+        data and its tasks plate their indices in the J tasks (so per-task random numbers,
+        e.g. the Fisher targets, do not depend on the batch), and the task objectives are
+        scaled by J / B: an unbiased estimate of the full sum.
+        """
+        scale = 1.0
+        plate_indices = None
+        if task_indices is not None:
+            config = self._config(support, query, None)
+            num_tasks, batch = config.num_tasks, jnp.shape(task_indices)[0]
+            support = take_tasks(support, task_indices)
+            query = None if query is None else take_tasks(query, task_indices)
+            plate_indices, scale = (config.plate_name, task_indices), num_tasks / batch
+        tr = self._trace(unconstrained, support, query, plate_indices)
         total = 0.0
         for site in tr.values():
             if site["type"] != "sample" or (not site["is_observed"] and not self.hyperprior):
                 continue
             log_prob = jnp.sum(site["fn"].log_prob(site["value"]))
-            total = total + (log_prob if site["scale"] is None else site["scale"] * log_prob)
+            if site["scale"] is not None:
+                log_prob = site["scale"] * log_prob
+            total = total + (scale * log_prob if site["name"] == sites.OBJECTIVE else log_prob)
         converged = tr[sites.INNER_CONVERGED]["value"]
         diverged = (tr[sites.INNER_DIVERGED]["value"] if sites.INNER_DIVERGED in tr
                     else ~converged)
@@ -219,9 +239,18 @@ class MetaEB:
                        else jnp.zeros_like(converged))
         return -total, (diverged, unconverged)
 
-    def loss(self, unconstrained: Mapping[str, jnp.ndarray], support, query=None):
-        """−Σ_j objective_j (scaled by the tasks plate), − log p(θ) if ``hyperprior``."""
-        return self._objective(unconstrained, support, query)[0]
+    def loss(self, unconstrained: Mapping[str, jnp.ndarray], support, query=None, *,
+             task_indices=None):
+        """−Σ_j objective_j (scaled by the tasks plate), − log p(θ) if ``hyperprior``.
+
+        Args:
+            unconstrained: unconstrained values of the global sites.
+            support: the support data (all J tasks).
+            query: the query data, or ``None``.
+            task_indices: a batch of B task indices: the loss of those tasks, their
+                objectives scaled by J / B (what a step with ``task_batch_size`` descends).
+        """
+        return self._objective(unconstrained, support, query, task_indices)[0]
 
     # -- the pure step --------------------------------------------------------------------
     def init(self, rng_key, support, query=None, init_params=None) -> MetaEBState:
@@ -301,14 +330,6 @@ class MetaEB:
         return (sharding.shard_tasks(support, self.mesh, "support"),
                 None if query is None else sharding.shard_tasks(query, self.mesh, "query"))
 
-    def _batch_objective(self, params, support, query, indices, config: _Config):
-        if indices is None:
-            return self._objective(params, support, query)
-        sliced = take_tasks(support, indices)
-        sliced_query = None if query is None else take_tasks(query, indices)
-        with task_batch(config.plate_name, config.num_tasks, indices):
-            return self._objective(params, sliced, sliced_query)
-
     def _update(self, state: MetaEBState, rng_key, support, query, *, config: _Config
                 ) -> tuple[MetaEBState, StepInfo]:
         indices = None
@@ -317,11 +338,10 @@ class MetaEB:
                                         replace=False)
 
         def value_fn(params):
-            return self._batch_objective(params, support, query, indices, config)[0]
+            return self._objective(params, support, query, indices)[0]
 
         (value, (diverged, unconverged)), grads = jax.value_and_grad(
-            lambda p: self._batch_objective(p, support, query, indices, config),
-            has_aux=True)(state.params)
+            lambda p: self._objective(p, support, query, indices), has_aux=True)(state.params)
         updates, opt_state = self.optimizer.update(
             grads, state.opt_state, state.params, value=value, grad=grads, value_fn=value_fn)
         params = optax.apply_updates(state.params, updates)

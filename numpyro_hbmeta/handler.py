@@ -305,8 +305,13 @@ class MetaMarginal:
     def _emit(self, context: TaskContext, phi_hat, value, info: InnerInfo,
               min_eigenvalue) -> None:
         spec = context.spec
-        plate = tasks._reenter(spec.plate_name, spec.size, spec.subsample_size,
-                               spec.plate_dim, context.indices)
+        # The same plate as the model's, with the same subsample indices (given through the
+        # plate's own message, NumPyro's public route), so the factor is scaled and indexed
+        # like the model's task sites.
+        subsample_size = None if spec.size == spec.subsample_size else spec.subsample_size
+        with handlers.substitute(data={spec.plate_name: context.indices}):
+            plate = tasks(spec.size, spec.plate_name, subsample_size=subsample_size,
+                          dim=spec.plate_dim)
         trailing = (1,) * (-spec.plate_dim - 1)
         with plate:
             numpyro.factor(OBJECTIVE_SITE, value.reshape(value.shape + trailing))
