@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numpyro_hbmeta import kfac, nn
+from numpyro_hbmeta import curvature, kfac, nn
 
 SIZES_AND_BATCHES = [(1, 1, ()), (4, 3, (3,)), (2, 7, (2, 2))]
 
@@ -376,3 +376,87 @@ def test_kron_min_eigenvalue_is_the_smallest_eigenvalue_of_the_kronecker_product
     expected = [np.linalg.eigvalsh(np.kron(A, G))[0]
                 for A, G in zip(factor.A, factor.G, strict=True)]
     np.testing.assert_allclose(kfac.kron_min_eigenvalue(factor), expected, rtol=1e-10)
+
+
+# ------------------------------------------------- the Gram trick (curvature.KFACTaskCurvature)
+
+# (points n, inputs p, outputs q) per layer: n < p and n < q (both factors from n × n Gram
+# matrices), n < p ≤ ... with n ≥ q, n ≥ p (no Gram), n = p, and one output unit.
+GRAM_LAYERS = ((3, 6, 5), (3, 6, 2), (7, 4, 3), (4, 4, 6), (3, 5, 1))
+
+
+def layer_points(seed, tasks, n, p, q):
+    rng = np.random.default_rng(seed)
+    inputs = rng.normal(size=(tasks, n, p))
+    inputs[..., -1] = 1.0  # the bias entry of ā
+    return curvature.LayerPoints(inputs, rng.normal(size=(tasks, n, q)))
+
+
+def dense_layers_logdet(layers, damping):
+    """Σ_l slogdet(np.kron(A_l, G_l) + δI) per task, A = ĀᵀĀ/n, G = Σ g gᵀ (float64 numpy)."""
+    total = 0.0
+    for layer in layers:
+        a, g = np.asarray(layer.inputs), np.asarray(layer.output_grads)
+        A = np.einsum("tni,tnj->tij", a, a) / a.shape[-2]
+        G = np.einsum("tni,tnj->tij", g, g)
+        total = total + np.array([
+            np.linalg.slogdet(np.kron(A_t, G_t) + damping * np.eye(len(A_t) * len(G_t)))[1]
+            for A_t, G_t in zip(A, G, strict=True)])
+    return total
+
+
+def task_curvature(layers, damping):
+    d = sum(layer.inputs.shape[-1] * layer.output_grads.shape[-1] for layer in layers)
+    return curvature.KFACTaskCurvature(tuple(layers), np.arange(d), damping)
+
+
+@pytest.mark.parametrize("shape", GRAM_LAYERS)
+@pytest.mark.parametrize("damping", [1e-4, 0.3, 10.0])
+def test_gram_logdet_equals_dense_kron(shape, damping):
+    layers = [layer_points(40, 3, *shape)]
+    got = jax.jit(lambda ls: task_curvature(ls, damping).logdet())(layers)
+    np.testing.assert_allclose(got, dense_layers_logdet(layers, damping), rtol=0, atol=1e-8)
+
+
+def test_gram_logdet_several_layers_and_its_gradient_equal_dense():
+    layers = [layer_points(41, 2, *shape) for shape in GRAM_LAYERS]
+    damping = 0.05
+    got = task_curvature(layers, damping).logdet()
+    np.testing.assert_allclose(got, dense_layers_logdet(layers, damping), atol=1e-8)
+
+    def dense(layers):  # the same log det through jnp.kron, differentiable
+        total = 0.0
+        for layer in layers:
+            a, g = layer.inputs, layer.output_grads
+            A = jnp.einsum("tni,tnj->tij", a, a) / a.shape[-2]
+            G = jnp.einsum("tni,tnj->tij", g, g)
+            kron = jax.vmap(jnp.kron)(A, G) + damping * jnp.eye(A.shape[-1] * G.shape[-1])
+            total = total + jnp.linalg.slogdet(kron)[1]
+        return jnp.sum(total)
+
+    grad = jax.grad(lambda ls: jnp.sum(task_curvature(ls, damping).logdet()))(layers)
+    expected = jax.grad(dense)(layers)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(grad), jax.tree.leaves(expected),
+                                   strict=True):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-8, atol=1e-8)
+
+
+def test_gram_logdet_without_damping():
+    # n ≥ p and n ≥ q: full rank, finite; n < p: A ⊗ G singular, log det = −inf exactly.
+    full_rank = [layer_points(42, 2, 7, 4, 3)]
+    np.testing.assert_allclose(task_curvature(full_rank, 0.0).logdet(),
+                               dense_layers_logdet(full_rank, 0.0), atol=1e-8)
+    low_rank = [layer_points(43, 2, 3, 6, 5)]
+    assert np.all(np.isneginf(task_curvature(low_rank, 0.0).logdet()))
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 5), (7, 4, 3)])
+def test_gram_min_eigenvalue_and_solve_match_dense(shape):
+    layers = [layer_points(44, 2, *shape)]
+    block = task_curvature(layers, 0.2)
+    dense = np.asarray(block.dense())
+    np.testing.assert_allclose(block.min_eigenvalue(), np.linalg.eigvalsh(dense)[:, 0],
+                               atol=1e-8)
+    v = normal(45, (2, dense.shape[-1]))
+    np.testing.assert_allclose(block.solve(v), np.linalg.solve(dense, v[..., None])[..., 0],
+                               atol=1e-8)
