@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hbmeta``; returns the exit status (2 for a user error, after one line on
     stderr)."""
+    # OpenBLAS threads started inside XLA's own thread pool make every batched eigh/Cholesky
+    # of the curvature 10-100x slower on CPU (docs/performance.md); one BLAS thread per
+    # LAPACK call is faster here. Set before NumPy/SciPy load OpenBLAS; a user's value wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # Must precede the first JAX computation: lets NUTS run chains in parallel on CPU cores.
     import numpyro
 
