@@ -228,3 +228,45 @@ def test_maml_warns_when_the_implicit_prior_does_not_exist_at_the_fit(x64, data)
     with pytest.warns(UserWarning, match=r"at the fitted globals β·λ_max ≥ 1 for 6 task\(s\)"):
         quiet_run(driver, jax.random.PRNGKey(13), 2, data.support, data.query,
                   init_params=start)
+
+
+@pytest.mark.slow
+def test_fresh_episodes_train_the_sinusoid_as_well_as_a_fixed_pool():
+    # MAML's own protocol (fresh tasks every step, through task_source) against the fixed
+    # pool of tasks the experiment used (random batches of 25 from 100): same steps, same
+    # optimiser, same start; query MSE after adaptation on 50 held-out tasks.
+    from numpyro_hbmeta.models import sinusoid
+
+    inner = hbm.TruncatedGD(5, sinusoid.FIT_SETTINGS.maml_step_size)
+    start = sinusoid.init_params(jax.random.PRNGKey(0))
+
+    @jax.jit
+    def episodes(rng_key):
+        data = sinusoid.simulate(rng_key, num_tasks=25, shots=10, num_query=10)
+        return data.support, data.query
+
+    def fit(**data):
+        driver = hbm.MetaEB(sinusoid.model, inner=inner, objective="maml",
+                            optimizer=optax.adam(1e-2))
+        return quiet_run(driver, jax.random.PRNGKey(1), 400, init_params=start,
+                         **data).params
+
+    pool = sinusoid.simulate(jax.random.PRNGKey(2), num_tasks=100, shots=10, num_query=10)
+    pooled = fit(support=pool.support, query=pool.query, task_batch_size=25)
+    streamed = fit(task_source=lambda key, step: episodes(key))
+    test = sinusoid.simulate(jax.random.PRNGKey(3), num_tasks=50, shots=10, num_query=10)
+
+    def task_mse(params):
+        predictive = sinusoid.laplace_predictive(params, test.support, test.query["x"],
+                                                 inner=inner)
+        return np.mean((np.asarray(predictive.mean) - np.asarray(test.query["y"])) ** 2, -1)
+
+    before, pooled_mse, streamed_mse = task_mse(start), task_mse(pooled), task_mse(streamed)
+    difference = streamed_mse - pooled_mse  # paired over the same held-out tasks
+    se = difference.std(ddof=1) / np.sqrt(difference.size)
+    print(f"query MSE: start {before.mean():.3f}, pool {pooled_mse.mean():.3f}, "
+          f"stream {streamed_mse.mean():.3f} (se of the difference {se:.3f})")
+    assert streamed_mse.mean() < 0.5 * before.mean()  # both really trained
+    assert pooled_mse.mean() < 0.5 * before.mean()
+    # Within noise: fresh episodes are not worse than the pool by more than 3 standard errors.
+    assert difference.mean() < 3 * se, (streamed_mse.mean(), pooled_mse.mean(), se)
