@@ -162,10 +162,16 @@ class MetaEB:
         eta: LLAMA's η.
         hyperprior: add log p(θ) (MAP-II) instead of pure type-II maximum likelihood.
         mesh: shard the tasks over devices: a ``jax.sharding.Mesh`` with a ``"tasks"`` axis,
-            ``"auto"`` for every local device, or ``None`` (default). :meth:`run` places the
-            data split along the task axis and the globals replicated
+            ``"auto"`` for every device (``jax.devices()``), or ``None`` (default).
+            :meth:`run` places the data split along the task axis and the globals replicated
             (:mod:`numpyro_hbmeta.sharding`); the numbers equal the unsharded run's up to
-            the order of the sum over tasks.
+            the order of the sum over tasks. A mesh over the devices of several processes
+            (``jax.distributed``; ``"auto"`` after ``jax.distributed.initialize()``) makes
+            the data process-local: every process calls :meth:`run` alike with its own share
+            of the tasks (the same number on each; process p's tasks follow process p − 1's
+            in the global order), the checks run on each process's share, and every process
+            gets the same globals. :meth:`task_posterior`, :meth:`sample_posterior` and
+            :meth:`to_inference_data` then describe the process's own tasks.
     """
 
     def __init__(self, model: Callable, *, inner: TruncatedGD | Newton, objective: str,
@@ -174,6 +180,9 @@ class MetaEB:
                  mesh: Mesh | str | None = None) -> None:
         self.model = model
         self.mesh = sharding.task_mesh(mesh)
+        # Data split over processes: eager work sees this process's share (local_view) and
+        # per-task host values are gathered; on one process none of this runs.
+        self._processes = sharding.spans_processes(self.mesh)
         self.inner = inner
         self.marginal: MetaMarginal = meta_marginal(model, inner=inner, objective=objective,
                                                     curvature=curvature, eta=eta)
@@ -261,7 +270,7 @@ class MetaEB:
             ValueError: ``init_params`` names a non-global site, has the wrong shape, or a
                 value outside the site's support (e.g. a negative scale).
         """
-        support = validate.task_data(support, "support")
+        support = validate.task_data(self._local(support), "support")
         globals_ = self._global_sites(rng_key, support)
         init_params = dict(init_params or {})
         unknown = sorted(set(init_params) - set(globals_))
@@ -313,6 +322,11 @@ class MetaEB:
         spec = self._structures.get(key)
         if spec is None:
             spec = self._structures[key] = model_structure(self.model, support)
+        if self._processes and spec.size != spec.subsample_size:
+            raise validate.InputError(
+                f"a subsampled tasks plate (size {spec.size}, subsample_size "
+                f"{spec.subsample_size}) cannot be split over processes; give the plate every "
+                "task and use run(..., task_batch_size=...) instead")
         batch = validate.task_batch_size(task_batch_size, spec.subsample_size)
         if batch is not None and spec.size != spec.subsample_size:
             raise ValueError("task_batch_size cannot be combined with a subsampled tasks plate "
@@ -322,13 +336,27 @@ class MetaEB:
 
     def shard(self, support, query=None) -> tuple[dict, dict | None]:
         """Validated data, split along the task axis over ``mesh`` when the driver has one
-        (what :meth:`run` does with the data it is given)."""
+        (what :meth:`run` does with the data it is given). With a mesh over several
+        processes, ``support``/``query`` are this process's share and the result is the
+        global data (a collective: every process calls it)."""
         support = validate.task_data(support, "support")
         query = None if query is None else validate.task_data(query, "query")
         if self.mesh is None:
             return support, query
         return (sharding.shard_tasks(support, self.mesh, "support"),
                 None if query is None else sharding.shard_tasks(query, self.mesh, "query"))
+
+    def _local(self, tree):
+        """This process's part of ``tree`` when the data are split over processes."""
+        return sharding.local_view(tree) if self._processes else tree
+
+    def _host(self, tree):
+        """Arrays of a compiled step's output, whole on the host of every process."""
+        return eb_checks.to_numpy(sharding.to_host(tree) if self._processes else tree)
+
+    def _gathered(self, per_task) -> np.ndarray:
+        """Per-task values computed on this process's tasks, over all tasks."""
+        return sharding.gather_tasks(per_task, self.mesh)
 
     def _update(self, state: MetaEBState, rng_key, support, query, *, config: _Config
                 ) -> tuple[MetaEBState, StepInfo]:
@@ -445,8 +473,8 @@ class MetaEB:
         probe = dict(init_params or {})
         if init_state is not None:
             probe = self._constrained(init_state.params, support, query)
-        self.marginal.check(support, query, rng_key=key_init, params=probe or None,
-                            params_name="init_params")
+        self.marginal.check(*self._local((support, query)), rng_key=key_init,
+                            params=probe or None, params_name="init_params")
         config = self._config(support, query, task_batch_size)
         state = (self.init(key_init, support, query, init_params) if init_state is None
                  else init_state)
@@ -462,7 +490,7 @@ class MetaEB:
                 if source is None:
                     state, infos, ran = self._chunk_jit(state, key_steps, n, support, query,
                                                         config=config, length=CHUNK_SIZE)
-                    infos, ran = eb_checks.to_numpy((infos, ran))
+                    infos, ran = self._host((infos, ran))
                     step_data = None
                 else:
                     state, infos, ran, step_data = self._stream(state, source, key_steps, n,
@@ -488,7 +516,7 @@ class MetaEB:
             data.append((support, query))
             state, info = self._guarded_jit(state, key_steps, support, query, config=config)
             infos.append(info)
-        infos = eb_checks.to_numpy(jax.tree.map(lambda *x: jnp.stack(x), *infos))
+        infos = self._host(jax.tree.map(lambda *x: jnp.stack(x), *infos))
         # After a refused step the state stays put; the monitor raises on the first one.
         ran = np.ones(n, bool)
         return state, infos, ran, data
@@ -529,7 +557,9 @@ class MetaEB:
         if not (isinstance(inner, TruncatedGD) and inner.prior == "implicit" and inner.num_steps
                 and spec is not None and spec.dim <= 64):
             return
-        lam = self._lambda_max_jit(dict(params), support)
+        lam = self._lambda_max_jit(dict(params), self._local(support))
+        if self._processes:
+            lam = self._gathered(lam)
         product = inner.step_size * np.asarray(lam)
         bad = np.nonzero(~(product < 1))[0]
         if bad.size:
@@ -566,7 +596,7 @@ class MetaEB:
             FloatingPointError: the comparison cannot be made (the loss at the estimate is
                 not finite, or it is NaN at the shrunk value); never read as "not at 0".
         """
-        globals_ = self._global_sites(jax.random.PRNGKey(0), support)
+        globals_ = self._global_sites(jax.random.PRNGKey(0), self._local(support))
         positive = [n for n, site in globals_.items()
                     if site["fn"].support in (constraints.positive, constraints.softplus_positive)
                     and n in params]
@@ -576,6 +606,8 @@ class MetaEB:
         def loss_at(constrained):
             unconstrained = {n: biject_to(globals_[n]["fn"].support).inv(jnp.asarray(v))
                              for n, v in constrained.items()}
+            if self._processes:  # the data are global arrays: the globals must be too
+                unconstrained = sharding.replicate(unconstrained, self.mesh)
             return float(self._loss_jit(unconstrained, support, query))
 
         base = loss_at(dict(params))
@@ -615,6 +647,7 @@ class MetaEB:
                 return biject_to(msg["fn"].support)(params[msg["name"]])
             return None
 
+        params, support = self._local((params, support))
         with numpyro.validation_enabled(False):
             found = self._global_sites(jax.random.PRNGKey(0), support, substitute_fn)
         return {name: found[name]["value"] for name in params}
@@ -623,23 +656,24 @@ class MetaEB:
         """The library's diagnosis of a refused step (argument validation off, so an
         invalid value cannot replace it with NumPyro's own error)."""
         lines = [f"MetaEB: step {step} was refused: {reason}."]
+        params, support, query = self._local((params, support, query))
         with numpyro.validation_enabled(False):
             tr = self._trace(params, support, query)
             values = tr[sites.OBJECTIVE]["fn"].log_prob(tr[sites.OBJECTIVE]["value"])
-            values = np.asarray(values).reshape(-1)
+            values = self._gathered(np.asarray(values).reshape(-1))
             bad = np.nonzero(~np.isfinite(values))[0]
             if bad.size:
                 lines.append(f"non-finite task objective(s) at task index(es) "
                              f"{bad[:20].tolist()}")
             if sites.CURVATURE_MIN_EIGENVALUE in tr:
-                eig = np.asarray(tr[sites.CURVATURE_MIN_EIGENVALUE]["value"])
+                eig = self._gathered(tr[sites.CURVATURE_MIN_EIGENVALUE]["value"])
                 not_pd = np.nonzero(~(eig > 0))[0]
                 if not_pd.size:
                     lines.append(
                         f"curvature not positive definite for task(s) {not_pd[:20].tolist()} "
                         f"(smallest eigenvalues {eig[not_pd[:5]].round(6).tolist()}); use a "
                         "PSD curvature (ggn, kfac) or a convex task loss")
-            converged = np.asarray(tr[sites.INNER_CONVERGED]["value"])
+            converged = self._gathered(tr[sites.INNER_CONVERGED]["value"])
             if not converged.all():
                 lines.append(f"inner solver did not converge / diverged for task(s) "
                              f"{np.nonzero(~converged)[0][:20].tolist()}; "
@@ -662,7 +696,7 @@ class MetaEB:
             FloatingPointError: the precision is not positive definite for some tasks (named,
                 with their smallest eigenvalues).
         """
-        support = validate.task_data(support, "support")
+        support = validate.task_data(self._local(support), "support")
         with numpyro.validation_enabled(False):  # our report, not NumPyro's, on bad values
             return laplace_task_posterior(self.marginal, dict(params), support)
 
@@ -829,6 +863,9 @@ class _Monitor:
 def _lambda_max(driver: MetaEB, params, support, tasks) -> np.ndarray:
     """Largest eigenvalue of the inner loss's Hessian at φ⁰ for ``tasks`` (eager)."""
     constrained = driver._constrained(params, support, None)
+    if driver._processes:  # every local task, gathered: the named tasks live anywhere
+        return driver._gathered(driver._lambda_max_jit(constrained, driver._local(support))
+                                )[np.asarray(tasks)]
     subset = take_tasks(support, jnp.asarray(tasks))
     with numpyro.validation_enabled(False):
         context = context_at(driver.model, constrained, subset)
