@@ -37,7 +37,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_hbmeta import eb_checks, sharding, sites, validate
-from numpyro_hbmeta.data import take_tasks
+from numpyro_hbmeta.data import sample_task_batch, take_tasks
 from numpyro_hbmeta.eb_checks import OuterConvergence
 from numpyro_hbmeta.handler import (
     MetaMarginal,
@@ -362,8 +362,7 @@ class MetaEB:
                 ) -> tuple[MetaEBState, StepInfo]:
         indices = None
         if config.batch_size is not None:
-            indices = jax.random.choice(rng_key, config.num_tasks, (config.batch_size,),
-                                        replace=False)
+            indices = sample_task_batch(rng_key, config.num_tasks, config.batch_size)
 
         def value_fn(params):
             return self._objective(params, support, query, indices)[0]
