@@ -23,7 +23,7 @@ same numbers bit for bit, and ``run(k)`` then ``run(m, init_state=...)`` equals 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -50,6 +50,7 @@ from numpyro_hbmeta.inner import Newton, TruncatedGD, max_eigenvalue
 from numpyro_hbmeta.plate import is_task_frame
 from numpyro_hbmeta.posterior import TaskPosterior, laplace_task_posterior
 from numpyro_hbmeta.progress import Progress
+from numpyro_hbmeta.task_source import Episodes, TaskSource
 
 __all__ = ["MetaEB", "MetaEBResult", "MetaEBState", "StepInfo", "TaskGaussian"]
 
@@ -60,7 +61,6 @@ TaskGaussian = TaskPosterior
 #: compiled code (the surplus iterations are skipped by a ``lax.cond``).
 CHUNK_SIZE = 50
 
-TaskSource = Callable[[jax.Array, int], tuple[dict, dict | None]] | Iterator
 
 
 class MetaEBState(NamedTuple):
@@ -465,7 +465,7 @@ class MetaEB:
         key_init, key_steps = jax.random.split(rng_key)
         source = None
         if task_source is not None:
-            source = _Episodes(task_source, jax.random.split(rng_key, 3)[2])
+            source = Episodes(task_source, jax.random.split(rng_key, 3)[2])
             start = 0 if init_state is None else int(init_state.step)
             support, query = source.get(start)
         support, query = self.shard(support, query)
@@ -479,7 +479,7 @@ class MetaEB:
                  else init_state)
         if self.mesh is not None:
             state = sharding.replicate(state, self.mesh)
-        monitor = _Monitor(self, config, key_steps)
+        monitor = eb_checks.Monitor(self, key_steps)
         losses: list[np.ndarray] = []
         with Progress(num_steps, f"MetaEB {self.marginal.objective}",
                       enabled=progress_bar) as bar:
@@ -506,7 +506,7 @@ class MetaEB:
                             loss_rtol=loss_rtol, grad_rtol=grad_rtol,
                             batched=config.batch_size is not None or source is not None)
 
-    def _stream(self, state, source: _Episodes, key_steps, n: int, config: _Config):
+    def _stream(self, state, source: Episodes, key_steps, n: int, config: _Config):
         """``n`` steps on fresh episodes: one dispatch per step, one host sync per chunk."""
         infos, data = [], []
         first = int(state.step)  # one host sync per chunk
@@ -520,7 +520,7 @@ class MetaEB:
         ran = np.ones(n, bool)
         return state, infos, ran, data
 
-    def _finish(self, state, losses, monitor: _Monitor, support, query, *, loss_rtol,
+    def _finish(self, state, losses, monitor: eb_checks.Monitor, support, query, *, loss_rtol,
                 grad_rtol, batched) -> MetaEBResult:
         params = self._constrained(state.params, support, query)
         inactive = monitor.inactive()
@@ -612,7 +612,7 @@ class MetaEB:
         base = loss_at(dict(params))
         if not np.isfinite(base):
             raise FloatingPointError(f"boundary check impossible: the loss at the estimate is "
-                                     f"{base} (globals {_rounded(params)})")
+                                     f"{base} (globals {eb_checks.rounded(params)})")
         out = []
         for name in positive:
             shrunk = loss_at({**params, name: jnp.asarray(params[name]) * 1e-3})
@@ -676,7 +676,7 @@ class MetaEB:
             if not converged.all():
                 lines.append(f"inner solver did not converge / diverged for task(s) "
                              f"{np.nonzero(~converged)[0][:20].tolist()}; "
-                             + _inner_remedy(self.inner))
+                             + eb_checks.inner_remedy(self.inner))
             constrained = {k: np.asarray(tr[k]["value"]).round(4).tolist() for k in params}
         lines.append(f"globals at that step: {constrained}")
         return "\n".join(lines)
@@ -751,135 +751,3 @@ class MetaEB:
         from numpyro_hbmeta.persist import load_fit
 
         return load_fit(path, model, optimizer=optimizer, driver_class=cls)
-
-
-class _Episodes:
-    """A ``task_source``: a function ``(key, step) -> (support, query)`` or an iterator."""
-
-    def __init__(self, source: TaskSource, key) -> None:
-        self.key = key
-        self.function = source if callable(source) and not isinstance(source, Iterator) \
-            else None
-        self.iterator = None if self.function is not None else iter(source)
-        self._held: tuple[int, Any] | None = None
-
-    def get(self, step: int):
-        if self.function is not None:
-            out = self.function(jax.random.fold_in(self.key, step), step)
-        elif self._held is not None and self._held[0] == step:
-            out = self._held[1]
-        else:
-            try:
-                out = next(self.iterator)
-            except StopIteration:
-                raise ValueError(f"task_source ran out of episodes at step {step}") from None
-            self._held = (step, out)
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise TypeError(f"task_source must give (support, query) pairs; at step {step} it "
-                            f"gave {type(out).__name__}")
-        support, query = out
-        return (validate.task_data(support, "task_source support"),
-                None if query is None else validate.task_data(query, "task_source query"))
-
-
-class _Monitor:
-    """Reads each chunk's ``StepInfo`` on the host: raises on refused steps, warns once per
-    kind about inner solves, and keeps what the end of the run needs."""
-
-    def __init__(self, driver: MetaEB, config: _Config, key_steps) -> None:
-        self.driver, self.config, self.key_steps = driver, config, key_steps
-        self.warned: set[str] = set()
-        self.active: dict[str, bool] = {}
-        self.last_grad_norm = float("nan")
-
-    def inactive(self) -> tuple[str, ...]:
-        return tuple(n for n, flag in self.active.items() if not flag)
-
-    def check(self, infos: StepInfo, ran: np.ndarray, state: MetaEBState, support, query,
-              step_data) -> None:
-        steps = int(state.step) - int(ran.sum()) + np.arange(int(ran.sum()))
-        for name, flags in infos.active.items():
-            self.active[name] = self.active.get(name, False) or bool(flags[ran].any())
-        bad = np.nonzero(ran & ~infos.ok)[0]
-        if bad.size:
-            self._refuse(infos, int(bad[0]), int(state.step), state, support, query, step_data)
-        if ran.any():
-            self.last_grad_norm = float(infos.grad_norm[ran][-1])
-        for kind, counts, tasks in (("diverged", infos.num_diverged, infos.diverged_tasks),
-                                    ("unconverged", infos.num_unconverged,
-                                     infos.unconverged_tasks)):
-            hit = np.nonzero(ran & (counts > 0))[0]
-            if hit.size and kind not in self.warned:
-                self.warned.add(kind)
-                data = step_data[hit[0]] if step_data is not None else (support, query)
-                self._warn(kind, int(steps[hit[0]]), eb_checks.task_list(tasks[hit]),
-                           int(counts[hit].max()), state, *data)
-
-    def _refuse(self, infos, index, step, state, support, query, step_data) -> None:
-        threshold = eb_checks.overflow_threshold(infos.grad_norm.dtype)
-        reason = eb_checks.nonfinite_reason(float(infos.loss[index]),
-                                            float(infos.grad_norm[index]), threshold)
-        if step_data is not None:
-            support, query = step_data[index]
-        driver = self.driver
-        message = driver.failure_report(step, state.params, support, query, reason)
-        tasks = eb_checks.task_list(infos.diverged_tasks[index])
-        if tasks and isinstance(driver.inner, TruncatedGD):
-            message += "\n" + self._step_size_remedy(state, support, tasks)
-        raise FloatingPointError(message)
-
-    def _warn(self, kind, step, tasks, count, state, support, query) -> None:
-        inner = self.driver.inner
-        if kind == "diverged":
-            what = ("the inner gradient descent diverged (its loss rose)"
-                    if isinstance(inner, TruncatedGD)
-                    else "Newton's iterates became non-finite")
-            remedy = (self._step_size_remedy(state, support, tasks)
-                      if isinstance(inner, TruncatedGD) else _inner_remedy(inner))
-        else:
-            what = f"Newton did not converge within max_steps={inner.max_steps}"
-            remedy = _inner_remedy(inner)
-        warnings.warn(f"MetaEB: at step {step}, {what} for {count} task(s), e.g. {tasks}. "
-                      f"{remedy}", stacklevel=4)
-
-    def _step_size_remedy(self, state, support, tasks) -> str:
-        """"β = 0.3 but 1/λ_max = 0.02 for task 4": λ_max of the task's inner-loss Hessian
-        at its start, at the current globals."""
-        inner = self.driver.inner
-        try:
-            lam = _lambda_max(self.driver, state.params, support, tasks)
-        except (ValueError, FloatingPointError, TypeError) as err:  # reported, not hidden
-            return f"(the step-size bound could not be computed: {err})"
-        worst = int(np.argmax(lam))
-        bound = 1.0 / float(lam[worst]) if lam[worst] > 0 else float("inf")
-        return (f"β = {inner.step_size:g} but 1/λ_max = {bound:.3g} for task {tasks[worst]} "
-                f"(λ_max: the largest eigenvalue of that task's inner-loss Hessian at the "
-                f"current globals). Use TruncatedGD(step_size < {bound:.3g}); below "
-                f"{0.5 * bound:.3g} the loss falls monotonically on a quadratic, and MAML's "
-                "implicit prior exists only for β·λ < 1.")
-
-
-def _lambda_max(driver: MetaEB, params, support, tasks) -> np.ndarray:
-    """Largest eigenvalue of the inner loss's Hessian at φ⁰ for ``tasks`` (eager)."""
-    constrained = driver._constrained(params, support, None)
-    if driver._processes:  # every local task, gathered: the named tasks live anywhere
-        return driver._gathered(driver._lambda_max_jit(constrained, driver._local(support))
-                                )[np.asarray(tasks)]
-    subset = take_tasks(support, jnp.asarray(tasks))
-    with numpyro.validation_enabled(False):
-        context = context_at(driver.model, constrained, subset)
-        loss = driver.marginal.inner_loss(context, subset)
-        return np.asarray(max_eigenvalue(loss, context.phi0))
-
-
-def _inner_remedy(inner) -> str:
-    if isinstance(inner, Newton):
-        return (f"Raise Newton(max_steps=...) (now {inner.max_steps}), or start the globals "
-                "nearer the data with init_params.")
-    return (f"Reduce TruncatedGD's step_size (now {inner.step_size:g}) or its num_steps "
-            f"(now {inner.num_steps}).")
-
-
-def _rounded(params) -> dict[str, Any]:
-    return {k: np.round(np.asarray(v, np.float64), 4).tolist() for k, v in params.items()}
-

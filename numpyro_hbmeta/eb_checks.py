@@ -16,14 +16,24 @@ returns can be vouched for:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 
-__all__ = ["OuterConvergence", "outer_convergence", "overflow_threshold"]
+from numpyro_hbmeta.data import take_tasks
+from numpyro_hbmeta.implicit_prior import context_at
+from numpyro_hbmeta.inner import Newton, TruncatedGD, max_eigenvalue
+
+if TYPE_CHECKING:
+    from numpyro_hbmeta.eb import MetaEB, MetaEBState, StepInfo
+
+__all__ = ["Monitor", "OuterConvergence", "inner_remedy", "outer_convergence",
+           "overflow_threshold"]
 
 #: How many offending task indices a step records (a fixed size keeps the step jit-able).
 MAX_REPORTED_TASKS = 8
@@ -108,3 +118,105 @@ def task_list(values: Sequence[int] | np.ndarray, limit: int = 20) -> list[int]:
 
 def to_numpy(tree: Any) -> Any:
     return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+class Monitor:
+    """Reads each chunk's ``StepInfo`` on the host: raises on refused steps, warns once per
+    kind about inner solves, and keeps what the end of the run needs."""
+
+    def __init__(self, driver: MetaEB, key_steps) -> None:
+        self.driver, self.key_steps = driver, key_steps
+        self.warned: set[str] = set()
+        self.active: dict[str, bool] = {}
+        self.last_grad_norm = float("nan")
+
+    def inactive(self) -> tuple[str, ...]:
+        return tuple(n for n, flag in self.active.items() if not flag)
+
+    def check(self, infos: StepInfo, ran: np.ndarray, state: MetaEBState, support, query,
+              step_data) -> None:
+        steps = int(state.step) - int(ran.sum()) + np.arange(int(ran.sum()))
+        for name, flags in infos.active.items():
+            self.active[name] = self.active.get(name, False) or bool(flags[ran].any())
+        bad = np.nonzero(ran & ~infos.ok)[0]
+        if bad.size:
+            self._refuse(infos, int(bad[0]), int(state.step), state, support, query, step_data)
+        if ran.any():
+            self.last_grad_norm = float(infos.grad_norm[ran][-1])
+        for kind, counts, tasks in (("diverged", infos.num_diverged, infos.diverged_tasks),
+                                    ("unconverged", infos.num_unconverged,
+                                     infos.unconverged_tasks)):
+            hit = np.nonzero(ran & (counts > 0))[0]
+            if hit.size and kind not in self.warned:
+                self.warned.add(kind)
+                data = step_data[hit[0]] if step_data is not None else (support, query)
+                self._warn(kind, int(steps[hit[0]]), task_list(tasks[hit]),
+                           int(counts[hit].max()), state, *data)
+
+    def _refuse(self, infos, index, step, state, support, query, step_data) -> None:
+        threshold = overflow_threshold(infos.grad_norm.dtype)
+        reason = nonfinite_reason(float(infos.loss[index]),
+                                            float(infos.grad_norm[index]), threshold)
+        if step_data is not None:
+            support, query = step_data[index]
+        driver = self.driver
+        message = driver.failure_report(step, state.params, support, query, reason)
+        tasks = task_list(infos.diverged_tasks[index])
+        if tasks and isinstance(driver.inner, TruncatedGD):
+            message += "\n" + self._step_size_remedy(state, support, tasks)
+        raise FloatingPointError(message)
+
+    def _warn(self, kind, step, tasks, count, state, support, query) -> None:
+        inner = self.driver.inner
+        if kind == "diverged":
+            what = ("the inner gradient descent diverged (its loss rose)"
+                    if isinstance(inner, TruncatedGD)
+                    else "Newton's iterates became non-finite")
+            remedy = (self._step_size_remedy(state, support, tasks)
+                      if isinstance(inner, TruncatedGD) else inner_remedy(inner))
+        else:
+            what = f"Newton did not converge within max_steps={inner.max_steps}"
+            remedy = inner_remedy(inner)
+        warnings.warn(f"MetaEB: at step {step}, {what} for {count} task(s), e.g. {tasks}. "
+                      f"{remedy}", stacklevel=4)
+
+    def _step_size_remedy(self, state, support, tasks) -> str:
+        """"β = 0.3 but 1/λ_max = 0.02 for task 4": λ_max of the task's inner-loss Hessian
+        at its start, at the current globals."""
+        inner = self.driver.inner
+        try:
+            lam = lambda_max(self.driver, state.params, support, tasks)
+        except (ValueError, FloatingPointError, TypeError) as err:  # reported, not hidden
+            return f"(the step-size bound could not be computed: {err})"
+        worst = int(np.argmax(lam))
+        bound = 1.0 / float(lam[worst]) if lam[worst] > 0 else float("inf")
+        return (f"β = {inner.step_size:g} but 1/λ_max = {bound:.3g} for task {tasks[worst]} "
+                f"(λ_max: the largest eigenvalue of that task's inner-loss Hessian at the "
+                f"current globals). Use TruncatedGD(step_size < {bound:.3g}); below "
+                f"{0.5 * bound:.3g} the loss falls monotonically on a quadratic, and MAML's "
+                "implicit prior exists only for β·λ < 1.")
+
+
+def lambda_max(driver: MetaEB, params, support, tasks) -> np.ndarray:
+    """Largest eigenvalue of the inner loss's Hessian at φ⁰ for ``tasks`` (eager)."""
+    constrained = driver._constrained(params, support, None)
+    if driver._processes:  # every local task, gathered: the named tasks live anywhere
+        return driver._gathered(driver._lambda_max_jit(constrained, driver._local(support))
+                                )[np.asarray(tasks)]
+    subset = take_tasks(support, jnp.asarray(tasks))
+    with numpyro.validation_enabled(False):
+        context = context_at(driver.model, constrained, subset)
+        loss = driver.marginal.inner_loss(context, subset)
+        return np.asarray(max_eigenvalue(loss, context.phi0))
+
+
+def inner_remedy(inner) -> str:
+    if isinstance(inner, Newton):
+        return (f"Raise Newton(max_steps=...) (now {inner.max_steps}), or start the globals "
+                "nearer the data with init_params.")
+    return (f"Reduce TruncatedGD's step_size (now {inner.step_size:g}) or its num_steps "
+            f"(now {inner.num_steps}).")
+
+
+def rounded(params) -> dict[str, Any]:
+    return {k: np.round(np.asarray(v, np.float64), 4).tolist() for k, v in params.items()}
