@@ -19,17 +19,20 @@ import pytest
 # Longest files first. pytest-xdist's ``--dist loadfile`` hands whole files to the two workers
 # in collection order, and collection is alphabetical, so the slow tutorial runs
 # (tests/tutorials sorts after tests/test_*.py) used to start last on one worker while the
-# other sat idle. Rough seconds per file in CI, from ``--durations``: statistics tutorials
-# ~300, test_cli ~250, neural tutorials ~170, InferenceData ~200, experiments ~130, ...
+# other sat idle. Rough CPU seconds per file, cold cache (``/usr/bin/time``, ``--durations``):
+# test_cli ~225 (six ``hbmeta compare --small`` runs, in one process), statistics tutorials
+# ~150, neural tutorials ~100, experiments ~60, ... test_inference_data ~30 (hand-made results).
+# Most of it is XLA compilation; the slow marks (``-m "not slow"``) drop the tutorials, the
+# CLI's model runs and the statistical checks.
 SLOW_FIRST = (
     "tests/tutorials/test_statistics_tutorials.py",
     "tests/test_cli.py",
-    "tests/test_inference_data.py",
     "tests/tutorials/test_neural_tutorials.py",
     "tests/experiments/",
     "tests/test_zoo_agreement.py",
     "tests/test_eb.py",
     "tests/test_nuts_agreement.py",
+    "tests/test_inference_data.py",
     "tests/test_handler.py",
     "tests/models/",
 )

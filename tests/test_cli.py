@@ -1,8 +1,12 @@
 """The ``hbmeta`` command line end to end: argument errors, --help, every zoo model's
 defaults, output off a terminal."""
 
+import contextlib
+import io
 import subprocess
 import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -88,57 +92,150 @@ def test_console_script_is_installed():
     assert "linear" in result.stdout
 
 
-@pytest.mark.parametrize("model", models.ZOO)
-def test_compare_default_methods_small(tmp_path, model, capsys):
-    """`hbmeta compare MODEL --small` with the model's own default methods succeeds."""
-    import arviz as az
+class SmallRun(NamedTuple):
+    """What ``hbmeta compare MODEL --small`` left: exit status, stdout, stderr, its folder."""
 
+    status: int
+    out: str
+    err: str
+    folder: Path
+    report: str
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """``small_run(model)``: ``hbmeta compare MODEL --small`` with the model's default methods,
+    run once per model in this process (compiled code is shared between models) and read by
+    several tests. Output goes to in-memory streams, which, like a pipe, are not terminals."""
+    runs: dict[str, SmallRun] = {}
+
+    def run(model: str) -> SmallRun:
+        if model not in runs:
+            folder = tmp_path_factory.mktemp(model)
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = main(["compare", model, "--small", "--out", str(folder)])
+            report = (folder / "report.md").read_text() if status == 0 else ""
+            runs[model] = SmallRun(status, out.getvalue(), err.getvalue(), folder, report)
+        return runs[model]
+
+    return run
+
+
+def _ran(model):
+    """The default methods that run: MAML and LLAMA score a query set, which eight schools
+    lacks."""
+    zoo = models.get_zoo_model(model)
+    return [m for m in zoo.default_methods if m not in ("maml", "llama")
+            or model != "eight_schools"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", models.ZOO)
+def test_compare_default_methods_small(small_run, model):
+    """`hbmeta compare MODEL --small` with the model's own default methods succeeds, off a
+    terminal: no tqdm bars (their \\r repeats pile up in logs) but a plain start and finish
+    line per method, and a report row per method."""
     zoo = models.get_zoo_model(model)
     assert set(zoo.default_methods) <= set(METHODS)
-    argv = ["compare", model, "--small", "--out", str(tmp_path)]
-    if model == "eight_schools":  # through real pipes, as in a CI log
-        result = subprocess.run([sys.executable, "-m", "numpyro_hbmeta.cli", *argv],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        out, err = result.stdout, result.stderr
-    else:
-        assert main(argv) == 0
-        out, err = capsys.readouterr()
-    # Off a terminal: no tqdm bars (their \r repeats pile up in logs) but plain lines.
-    assert "\r" not in err and "\r" not in out
-    first = zoo.default_methods[-1]
-    assert f"hbmeta: {first} started" in err and f"hbmeta: {first} done in" in err
-    report = (tmp_path / "report.md").read_text()
-    ran = [m for m in zoo.default_methods if m not in ("maml", "llama")
-           or model != "eight_schools"]
-    for method in ran:
-        assert f"| {method} |" in report
-    if zoo.compare_report is not None:  # networks: held-out predictive, no globals table
-        assert "theta[" not in report and not list(tmp_path.glob("*.nc"))
-        return
-    assert "Against NUTS" in report and "R-hat" in report
+    run = small_run(model)
+    assert run.status == 0, run.err[-2000:]
+    assert "\r" not in run.err and "\r" not in run.out
+    for method in _ran(model):
+        assert f"hbmeta: {method} started" in run.err and f"hbmeta: {method} done in" in run.err
+        assert f"| {method} |" in run.report
+
+
+STATISTICAL = [m for m in models.ZOO if models.get_zoo_model(m).compare_report is None]
+NETWORKS = [m for m in models.ZOO if m not in STATISTICAL]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", NETWORKS)
+def test_compare_networks_report_heldout_not_globals(small_run, model):
+    """Networks: a held-out predictive report, no table of weights, no netCDF."""
+    run = small_run(model)
+    assert "theta[" not in run.report and not list(run.folder.glob("*.nc"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", STATISTICAL)
+def test_compare_exports_against_nuts(small_run, model):
+    """Statistical models: the comparison against NUTS with R-hat, netCDF with a task
+    dimension for Laplace and NUTS, the forest figure, and τ of MAML not estimated."""
+    import arviz as az
+
+    run = small_run(model)
+    assert "Against NUTS" in run.report and "R-hat" in run.report
     for method in ("laplace", "nuts"):
-        idata = az.from_netcdf(tmp_path / f"{method}.nc")
+        idata = az.from_netcdf(run.folder / f"{method}.nc")
         assert "tasks" in idata.posterior.dims
-    assert next(tmp_path.glob("forest_*.png")).stat().st_size > 10_000
-    if "maml" in ran:
+    assert next(run.folder.glob("forest_*.png")).stat().st_size > 10_000
+    if "maml" in _ran(model):
         # τ is not in MAML's objective: reported as not estimated, never scored
-        assert "tau not estimated" in report and "NaN: not estimated" in out
-        maml = az.from_netcdf(tmp_path / "maml.nc") if (tmp_path / "maml.nc").exists() else None
-        if maml is not None:
+        assert "tau not estimated" in run.report and "NaN: not estimated" in run.out
+        maml = run.folder / "maml.nc"
+        if maml.exists():
+            maml = az.from_netcdf(maml)
             assert maml.posterior.attrs["inactive_sites"] == "tau"
             assert np.isnan(maml.posterior["tau"].values).all()
-    if model == "eight_schools":
-        assert "tau at the boundary 0" in report
-    if model == "logistic":
-        assert "Laplace is approximate" in report
-    if model == "linear":
-        _laplace_equals_exact_eb(report)
-        # 2-D tasks: the implicit-prior ellipses, unless MAML's task posterior was not
-        # formed (β·λ ≥ 1 at the fitted σ), which the report then says
-        figure = tmp_path / "implicit_prior.png"
-        assert figure.exists() != ("task posterior not formed" in report)
-        assert not figure.exists() or figure.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compare_eight_schools_reports_the_boundary(small_run):
+    assert "tau at the boundary 0" in small_run("eight_schools").report
+
+
+@pytest.mark.slow
+def test_compare_logistic_says_laplace_is_approximate(small_run):
+    assert "Laplace is approximate" in small_run("logistic").report
+
+
+@pytest.mark.slow
+def test_compare_linear_laplace_is_exact_eb_and_draws_the_implicit_prior(small_run):
+    run = small_run("linear")
+    _laplace_equals_exact_eb(run.report)
+    # 2-D tasks: the implicit-prior ellipses, unless MAML's task posterior was not
+    # formed (β·λ ≥ 1 at the fitted σ), which the report then says
+    figure = run.folder / "implicit_prior.png"
+    assert figure.exists() != ("task posterior not formed" in run.report)
+    assert not figure.exists() or figure.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compare_linear_exports_real_fits_in_the_arviz_layout(small_run):
+    """Real NUTS and Laplace fits through the export (tests/test_inference_data.py checks the
+    exporter on hand-made results): labelled task dimension, pointwise log-likelihood,
+    sampler statistics, point globals and per-task diagnostics."""
+    import arviz as az
+
+    run = small_run("linear")
+    labels = models.get_zoo_model("linear").load_data(small=True).task_labels
+    nuts = az.from_netcdf(run.folder / "nuts.nc")
+    assert nuts.posterior["phi"].dims == ("chain", "draw", "tasks", "phi_dim_0")
+    assert list(nuts.posterior["phi"].coords["tasks"].values) == labels
+    assert nuts.log_likelihood["y"].dims == ("chain", "draw", "tasks", "points")
+    assert nuts.sample_stats["diverging"].dims == ("chain", "draw")
+    assert nuts.attrs["method"] == "nuts" and nuts.attrs["point_sites"] == ""
+    laplace = az.from_netcdf(run.folder / "laplace.nc")
+    assert laplace.attrs["approximate"].startswith("point estimate")
+    assert np.ptp(laplace.posterior["theta"].values, axis=(0, 1)).max() == 0.0
+    assert np.ptp(laplace.posterior["phi"].values, axis=(0, 1)).min() > 0
+    assert laplace.sample_stats["inner_grad_norm"].dims == ("chain", "draw", "tasks")
+
+
+def test_compare_through_real_pipes(tmp_path):
+    """The installed module run as a CI log runs it: stdout and stderr are pipes, so no
+    progress bars (no \\r) but plain start and finish lines. One cheap method: the default
+    methods of every model run in-process above."""
+    argv = ["compare", "eight_schools", "--small", "--methods", "laplace", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, "-m", "numpyro_hbmeta.cli", *argv],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr and "\r" not in result.stdout
+    assert "hbmeta: laplace started" in result.stderr
+    assert "hbmeta: laplace done in" in result.stderr
+    assert "| laplace |" in (tmp_path / "report.md").read_text()
 
 
 def _laplace_equals_exact_eb(report):

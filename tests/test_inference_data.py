@@ -21,30 +21,128 @@ def data():
     return linear.load_data(small=True)
 
 
+DRAWS = 100
+EB_POINT_SITES = tuple(sorted(linear.GLOBALS))  # run_eb: the fitted params, sorted
+
+
+def _globals_near_truth(rng, point):
+    """Draws of the linear model's globals around the truth; repeated if ``point``."""
+    theta = np.asarray(linear.TRUE_THETA) + (0 if point else 0.1 * rng.standard_normal(
+        (1, DRAWS, 2)))
+    tau = linear.TRUE_TAU * (1 if point else np.exp(0.1 * rng.standard_normal((1, DRAWS))))
+    sigma = linear.TRUE_SIGMA * (1 if point else np.exp(0.05 * rng.standard_normal((1, DRAWS))))
+    return {k: np.broadcast_to(v, shape).astype(np.float32) for k, v, shape in (
+        ("theta", theta, (1, DRAWS, 2)), ("tau", tau, (1, DRAWS)),
+        ("sigma", sigma, (1, DRAWS)))}
+
+
+def _task_draws(rng, data):
+    """φ draws (1, draws, tasks, 1, features) from the exact task posterior at the truth."""
+    params = {"theta": np.asarray(linear.TRUE_THETA), "tau": linear.TRUE_TAU,
+              "sigma": linear.TRUE_SIGMA}
+    mean, cov = (np.asarray(a, float) for a in linear.exact_task_posterior(params,
+                                                                            data.support))
+    phi = np.stack([rng.multivariate_normal(m, c, DRAWS) for m, c in zip(mean, cov,
+                                                                          strict=True)], 1)
+    return phi[None, :, :, None, :].astype(np.float32)
+
+
+def _nuts_stats(rng):
+    """baselines._nuts_stats's layout: (chain, draw) arrays, tree depth from the step count."""
+    return {"diverging": np.zeros((1, DRAWS), bool),
+            "accept_prob": rng.uniform(0.6, 1.0, (1, DRAWS)).astype(np.float32),
+            "energy": rng.normal(40.0, 3.0, (1, DRAWS)).astype(np.float32),
+            "tree_depth": np.floor(np.log2(rng.integers(1, 16, (1, DRAWS))) + 1)}
+
+
+def _eb_diagnostics(tasks, shape=()):
+    """Per-task inner-solver diagnostics as run_eb (``shape=()``) or run_nuts_marginal
+    (``shape=(chain, draw)``) return them."""
+    return {"inner_grad_norm": np.full((*shape, tasks), 1e-6, np.float32),
+            "inner_num_steps": np.full((*shape, tasks), 3, np.int32),
+            "inner_converged": np.ones((*shape, tasks), bool)}
+
+
 @pytest.fixture(scope="module")
 def fits(data):
-    """A sampler and empirical Bayes (point globals, per-task diagnostics); SVI results have
-    the sampler's layout without its statistics. Non-partitionable threefry: N-D draws
-    compile ~10x faster on CPU."""
+    """Hand-made results in each method's layout (the ``FitResult`` that ``baselines.run_*``
+    returns: a sampler with its statistics, empirical Bayes with point globals and per-task
+    diagnostics, SVI without statistics), with φ drawn from the exact task posterior: the
+    exporter is under test here, not the fits. ``test_synthetic_layouts_are_the_fits_layouts``
+    holds the EB layouts to real fits; ``tests/test_cli.py`` exports real NUTS, Laplace and
+    MAML fits."""
+    rng = np.random.default_rng(0)
+    tasks = len(data.task_labels)
+    eb_info = {"final_loss": 50.0, "num_steps": 100, "inactive_sites": (),
+               "boundary_sites": ()}
+    point = "point estimate of the globals (empirical Bayes)"
+    maml_globals = _globals_near_truth(rng, point=True)
+    maml_globals["tau"] = np.full((1, DRAWS), np.nan)
+    maml_info = {**eb_info, "inactive_sites": ("tau",), "inner_num_steps": 5,
+                 "inner_step_size": 0.002,
+                 "inactive_reason": baselines.INACTIVE_REASON.format(objective="maml")}
+    support = dict(data.support)
+    return {
+        "nuts": FitResult("nuts", linear.model, support,
+                          {**_globals_near_truth(rng, False), "phi": _task_draws(rng, data)},
+                          sample_stats=_nuts_stats(rng), info={"divergences": 0, "chains": 1}),
+        "laplace": FitResult("laplace", linear.model, support,
+                             {**_globals_near_truth(rng, True), "phi": _task_draws(rng, data)},
+                             point_sites=EB_POINT_SITES, task_diagnostics=_eb_diagnostics(tasks),
+                             info=eb_info, approximate=point),
+        "maml": FitResult("maml", linear.model, support,
+                          {**maml_globals, "phi": _task_draws(rng, data)},
+                          point_sites=EB_POINT_SITES, task_diagnostics=_eb_diagnostics(tasks),
+                          info=maml_info, approximate=point),
+        "nuts_marginal": FitResult(
+            "nuts_marginal", linear.model, support,
+            {**_globals_near_truth(rng, False), "phi": _task_draws(rng, data)},
+            task_diagnostics=_eb_diagnostics(tasks, (1, DRAWS)), sample_stats=_nuts_stats(rng),
+            info={"divergences": 0, "chains": 1}),
+        "svi_normal": FitResult("svi_normal", linear.model, support,
+                                {**_globals_near_truth(rng, False), "phi": _task_draws(rng, data)},
+                                info={"final_loss": 60.0},
+                                approximate="variational (AutoNormal)"),
+        "svi_delta": FitResult("svi_delta", linear.model, support,
+                               {**_globals_near_truth(rng, True),
+                                "phi": np.broadcast_to(_task_draws(rng, data)[:, :1],
+                                                       (1, DRAWS, tasks, 1, 2)).copy()},
+                               point_sites=(*linear.GLOBALS, "phi"), info={"final_loss": 70.0},
+                               approximate="variational (AutoDelta)"),
+    }
+
+
+@pytest.fixture(scope="module")
+def eb_fits(data):
+    """Real empirical-Bayes fits (Laplace and MAML), for what ``baselines.run_eb`` itself
+    reports. Non-partitionable threefry: N-D draws compile ~10x faster on CPU."""
     key = jax.random.PRNGKey(0)
     with jax.threefry_partitionable(False):
         return {
-            "nuts": baselines.run_nuts(linear.model, data.support, key, num_warmup=100,
-                                       num_samples=100, num_chains=1, progress_bar=False),
             "laplace": baselines.run_eb(linear.model, data.support, key, objective="laplace",
-                                        inner=Newton(), num_steps=100, num_samples=100,
+                                        inner=Newton(), num_steps=100, num_samples=DRAWS,
                                         progress_bar=False),
             "maml": baselines.run_eb(linear.model, data.support, key, objective="maml",
                                      inner=TruncatedGD(5, 0.002), query=data.query,
-                                     num_steps=100, num_samples=100, progress_bar=False),
-            "nuts_marginal": baselines.run_nuts_marginal(
-                linear.model, data.support, key, num_warmup=50, num_samples=50, num_chains=1,
-                progress_bar=False),
-            "svi_normal": baselines.run_svi(linear.model, data.support, key, guide="normal",
-                                            num_steps=200, num_samples=100, progress_bar=False),
-            "svi_delta": baselines.run_svi(linear.model, data.support, key, guide="delta",
-                                           num_steps=200, num_samples=100, progress_bar=False),
+                                     num_steps=100, num_samples=DRAWS, progress_bar=False),
         }
+
+
+def _layout(fit):
+    """What the exporter reads of a fit: site shapes and dtypes, point sites, statistics and
+    diagnostics (shapes, dtypes), the info keys and the approximation note."""
+    def shapes(arrays):
+        return {k: (np.shape(v), np.asarray(v).dtype.kind) for k, v in arrays.items()}
+
+    return (fit.method, shapes(fit.samples), fit.point_sites, shapes(fit.task_diagnostics),
+            shapes(fit.sample_stats), set(fit.info) - {"posterior_curvature"}, fit.approximate)
+
+
+@pytest.mark.parametrize("method", ["laplace", "maml"])
+def test_synthetic_layouts_are_the_fits_layouts(fits, eb_fits, method):
+    """The hand-made EB results have exactly the layout of real run_eb results, so the
+    exporter tests below see what the fits give."""
+    assert _layout(fits[method]) == _layout(eb_fits[method])
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +206,11 @@ def test_loo_runs(idatas, method):
     assert loo.loo_i.size == 8 * 10
 
 
-def test_point_sites_and_attrs(idatas, fits):
-    laplace = idatas["laplace"]
-    assert laplace.attrs["point_sites"] == ",".join(fits["laplace"].point_sites)
+def test_point_sites_and_attrs(idatas, eb_fits, data):
+    """On a real run_eb Laplace fit: point globals repeated, task draws varying, per-task
+    diagnostics along (chain, draw, tasks)."""
+    laplace = to_inference_data(eb_fits["laplace"], task_labels=data.task_labels)
+    assert laplace.attrs["point_sites"] == ",".join(eb_fits["laplace"].point_sites)
     assert laplace.attrs["approximate"].startswith("point estimate")
     assert laplace.attrs["method"] == "laplace"
     theta = laplace.posterior["theta"].values
@@ -121,7 +221,7 @@ def test_point_sites_and_attrs(idatas, fits):
     grad_norm = laplace.sample_stats["inner_grad_norm"]
     assert grad_norm.dims == ("chain", "draw", "tasks")
     np.testing.assert_array_equal(grad_norm.values[0, 7],
-                                  fits["laplace"].task_diagnostics["inner_grad_norm"])
+                                  eb_fits["laplace"].task_diagnostics["inner_grad_norm"])
     assert laplace.sample_stats["inner_converged"].dtype == bool
 
 
@@ -241,9 +341,9 @@ def test_inactive_sites_are_named_in_the_attributes(fits, data, tmp_path):
     assert to_inference_data(fits["nuts"]).posterior.attrs["inactive_sites"] == ""
 
 
-def test_run_eb_marks_tau_inactive_under_maml(fits):
+def test_run_eb_marks_tau_inactive_under_maml(eb_fits):
     """baselines.run_eb: τ under MAML is NaN in the samples, with the reason in info."""
-    maml = fits["maml"]
+    maml = eb_fits["maml"]
     assert maml.info["inactive_sites"] == ("tau",)
     assert "does not depend on it" in maml.info["inactive_reason"]
     assert np.isnan(maml.samples["tau"]).all()

@@ -61,6 +61,7 @@ def test_labels_carry_information_about_the_true_task_weights():
     assert log_lik(truth["phi"]) > log_lik(flipped) + 100.0
 
 
+@pytest.mark.slow  # a whole-model NUTS smoke run (compiles NUTS: ~15 s of CPU)
 def test_nuts_runs_on_the_small_model():
     data = logistic.load_data(small=True)
     mcmc = MCMC(NUTS(logistic.model), num_warmup=200, num_samples=200, num_chains=1,

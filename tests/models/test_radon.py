@@ -197,6 +197,7 @@ def test_missing_data_names_both_places(tmp_path, monkeypatch):
         radon.load_table(source="web")
 
 
+@pytest.mark.slow  # a whole-model NUTS smoke run (compiles NUTS: ~15 s of CPU)
 def test_nuts_runs_on_the_small_model():
     data = radon.load_data(small=True)
     mcmc = MCMC(NUTS(radon.model), num_warmup=200, num_samples=200, num_chains=1,
