@@ -27,6 +27,7 @@ from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
 from numpyro_hbmeta import sites, validate
 from numpyro_hbmeta.curvature import FullCurvature, hessian_blocks
 from numpyro_hbmeta.eb import MetaEB
+from numpyro_hbmeta.eb_checks import INACTIVE_REASON
 from numpyro_hbmeta.handler import meta_marginal
 from numpyro_hbmeta.implicit_prior import context_at
 from numpyro_hbmeta.inner import Newton, TruncatedGD
@@ -226,9 +227,6 @@ def run_eb(model: Callable, support: Mapping[str, Any], rng_key, *, objective: s
                      approximate="point estimate of the globals (empirical Bayes)")
 
 
-#: Why an inactive global has no estimate (``FitResult.info["inactive_reason"]``).
-INACTIVE_REASON = ("not estimated: the {objective} objective does not depend on it (zero "
-                   "gradient), so its value would be the random start")
 
 
 def _eb_diagnostics(driver: MetaEB, params, support) -> dict[str, np.ndarray]:

@@ -705,21 +705,25 @@ class MetaEB:
         """ArviZ ``InferenceData`` of a fit: the point-estimated globals (repeated, sd 0) and
         ``num_samples`` draws of every task site from :meth:`task_posterior`, with a ``tasks``
         dimension (see :func:`numpyro_hbmeta.to_inference_data`). Globals the objective does
-        not depend on (``result.inactive_sites``) are not estimates and are left out."""
+        not depend on (``result.inactive_sites``) are not estimates: NaN, listed with the
+        reason in the posterior's attributes."""
         from numpyro_hbmeta.inference_data import to_inference_data
         from numpyro_hbmeta.results import FitResult
 
         rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
         draws = self.sample_posterior(rng_key, result.params, support, num_samples)
-        samples = {k: np.asarray(v)[None] for k, v in draws.items()
-                   if k not in result.inactive_sites}
+        samples = {k: np.asarray(v)[None] for k, v in draws.items()}
+        for name in result.inactive_sites:  # the start value, not an estimate
+            samples[name] = np.full_like(samples[name], np.nan, dtype=float)
         info: dict[str, Any] = {"inactive_sites": result.inactive_sites}
+        if result.inactive_sites:
+            info["inactive_reason"] = eb_checks.INACTIVE_REASON.format(
+                objective=self.marginal.objective)
         if len(result.losses):
             info["final_loss"] = float(result.losses[-1])
         fit = FitResult(self.marginal.objective, self.model, dict(support), samples,
-                        point_sites=tuple(n for n in result.params
-                                          if n not in result.inactive_sites),
-                        info=info, approximate="point estimate of the globals (empirical Bayes)")
+                        point_sites=tuple(result.params), info=info,
+                        approximate="point estimate of the globals (empirical Bayes)")
         return to_inference_data(fit, task_labels=task_labels, query=query)
 
     def sample_posterior(self, rng_key, params: Mapping[str, Any], support: Mapping[str, Any],

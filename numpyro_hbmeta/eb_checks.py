@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["Monitor", "OuterConvergence", "inner_remedy", "outer_convergence",
            "overflow_threshold"]
 
+#: Why an inactive global has no estimate (``FitResult.info["inactive_reason"]``).
+INACTIVE_REASON = ("not estimated: the {objective} objective does not depend on it (zero "
+                   "gradient), so its value would be the random start")
+
 #: How many offending task indices a step records (a fixed size keeps the step jit-able).
 MAX_REPORTED_TASKS = 8
 

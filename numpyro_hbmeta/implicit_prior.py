@@ -86,7 +86,10 @@ def _check_contracting(eigenvalues, inner: TruncatedGD) -> None:
 def _check_representable(eigenvalues, q, cov, inner: TruncatedGD) -> None:
     """Raise where the implied covariance is not a usable (positive-definite, finite)
     matrix in this dtype: β·λ just below 1 makes q ~ (1 − βλ)^(−K)/λ astronomically large
-    next to the other directions' variances."""
+    next to the other directions' variances. Concrete values only; a no-op under tracing
+    (``jax.jit(implicit_prior, ...)``), where the Cholesky's NaNs carry the failure."""
+    if any(isinstance(a, jax.core.Tracer) for a in (eigenvalues, q, cov)):
+        return
     eigenvalues, q, cov = (np.asarray(a) for a in (eigenvalues, q, cov))
     positive_definite = np.asarray(constraints.positive_definite.check(cov))
     chol = np.asarray(linalg.cholesky(cov))
