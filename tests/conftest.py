@@ -12,6 +12,12 @@ from pathlib import Path
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Half of the suite's CPU time is XLA compiling small programs that then run for
+# milliseconds; its cheapest backend optimisation level compiles them ~20 % faster
+# (test_eb + test_handler: 170 s -> 142 s, cold cache) and changes no tolerance's outcome.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 
 import jax
 import pytest

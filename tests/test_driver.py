@@ -200,6 +200,7 @@ def test_gradient_overflow_is_refused_not_returned_as_the_start():
         driver.run(jax.random.PRNGKey(0), 20, data.support, data.query, progress_bar=False)
 
 
+@pytest.mark.slow  # a whole fit (~15-35 s); the full suite runs it
 def test_outer_convergence_is_judged_and_reported(x64, data, maml):
     with pytest.warns(UserWarning, match=r"has not converged after 30 steps: gradient norm"):
         short = maml.run(jax.random.PRNGKey(11), 30, data.support, data.query,

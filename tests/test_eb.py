@@ -30,6 +30,7 @@ def standard_errors(params, data):
     return jnp.sqrt(jnp.diag(jnp.linalg.inv(jax.hessian(neg)(z))))
 
 
+@pytest.mark.slow  # a whole fit (~15-35 s); the full suite runs it
 def test_type2_ml_equals_closed_form_and_recovers_truth(x64, mixed_data):
     data = mixed_data.support
     driver = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace",
@@ -141,6 +142,7 @@ def test_non_positive_definite_curvature_is_reported_with_task_index():
                    progress_bar=False)
 
 
+@pytest.mark.slow  # a whole fit (~15-35 s); the full suite runs it
 def test_lbfgs_and_hyperprior(x64, linear_data):
     data = linear_data.all_data()
     plain = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace",
@@ -158,6 +160,7 @@ def test_lbfgs_and_hyperprior(x64, linear_data):
                                - log_prior, rtol=1e-12)
 
 
+@pytest.mark.slow  # a whole fit (~15-35 s); the full suite runs it
 def test_eight_schools_scale_at_boundary_is_reported():
     from numpyro_hbmeta.models import eight_schools
 

@@ -145,6 +145,7 @@ def ragged_model(x, y=None, mask=None):
             numpyro.sample("y", dist.Normal(jnp.sum(x * phi, -1), sigma), obs=y)
 
 
+@pytest.mark.slow  # a whole fit (~15-35 s); the full suite runs it
 def test_ragged_tasks_match_unpadded_evidence(x64):
     key = jax.random.PRNGKey(9)
     sizes = [3, 7, 1, 5]

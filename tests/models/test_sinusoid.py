@@ -73,6 +73,7 @@ def query_mse(params, data, inner):
             "zero": float(jnp.mean(y**2))}
 
 
+@pytest.mark.slow  # a whole fit (~15-35 s); the full suite runs it
 def test_short_maml_fit_adapts():
     # A CI-sized MetaEB run (float32): the inner loop must beat predicting with θ itself and
     # predicting 0 on the tasks' held-out query points; with no adaptation φ̂ = θ and it fails.
