@@ -138,6 +138,7 @@ def _layout(fit):
             shapes(fit.sample_stats), set(fit.info) - {"posterior_curvature"}, fit.approximate)
 
 
+@pytest.mark.slow  # uses two real run_eb fits (~16 s); the full suite runs it
 @pytest.mark.parametrize("method", ["laplace", "maml"])
 def test_synthetic_layouts_are_the_fits_layouts(fits, eb_fits, method):
     """The hand-made EB results have exactly the layout of real run_eb results, so the
@@ -205,6 +206,7 @@ def test_loo_runs(idatas, method):
     assert np.isfinite(loo.elpd_loo)
     assert loo.loo_i.size == 8 * 10
 
+@pytest.mark.slow  # uses two real run_eb fits (~16 s); the full suite runs it
 
 def test_point_sites_and_attrs(idatas, eb_fits, data):
     """On a real run_eb Laplace fit: point globals repeated, task draws varying, per-task
@@ -340,6 +342,7 @@ def test_inactive_sites_are_named_in_the_attributes(fits, data, tmp_path):
     assert np.isfinite(back.posterior["theta"].values).all()
     assert to_inference_data(fits["nuts"]).posterior.attrs["inactive_sites"] == ""
 
+@pytest.mark.slow  # uses two real run_eb fits (~16 s); the full suite runs it
 
 def test_run_eb_marks_tau_inactive_under_maml(eb_fits):
     """baselines.run_eb: τ under MAML is NaN in the samples, with the reason in info."""

@@ -145,6 +145,7 @@ def test_predictive_log_lik_matches_a_dense_hand_computation(x64):
                                expected["laplace pointwise"], rtol=1e-9)
 
 
+@pytest.mark.slow  # dense Jacobians of a net in float64 (~20 s); the full suite runs it
 @pytest.mark.parametrize("sizes, num_points", [((1, 4, 3, 1), 5), ((1, 2, 1), 9)])
 def test_laplace_predictive_is_the_dense_glm_predictive_of_each_curvature(x64, sizes,
                                                                           num_points):
