@@ -41,6 +41,7 @@ from numpyro_hbmeta.data import sample_task_batch, take_tasks
 from numpyro_hbmeta.eb_checks import OuterConvergence
 from numpyro_hbmeta.handler import (
     MetaMarginal,
+    data_signature,
     meta_marginal,
     model_structure,
     trace_hidden,
@@ -141,11 +142,6 @@ class _Config(NamedTuple):
     num_tasks: int
     batch_size: int | None
     plate_name: str
-
-
-def _data_key(support, query) -> tuple:
-    leaves, treedef = jax.tree.flatten((support, query))
-    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
 class MetaEB:
@@ -318,7 +314,7 @@ class MetaEB:
         return self._update_jit(state, rng_key, support, query, config=config)
 
     def _config(self, support, query, task_batch_size) -> _Config:
-        key = _data_key(support, query)
+        key = data_signature(support, query)
         spec = self._structures.get(key)
         if spec is None:
             spec = self._structures[key] = model_structure(self.model, support)
@@ -552,7 +548,7 @@ class MetaEB:
         task: K steps of size β then imply no Gaussian prior, and ``task_posterior`` will
         refuse. Checked where it is cheap (d ≤ 64: exact per-task Hessians)."""
         inner = self.inner
-        spec = self._structures.get(_data_key(support, query))
+        spec = self._structures.get(data_signature(support, query))
         if not (isinstance(inner, TruncatedGD) and inner.prior == "implicit" and inner.num_steps
                 and spec is not None and spec.dim <= 64):
             return

@@ -23,11 +23,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
 
 from numpyro_hbmeta.data import take_tasks
-from numpyro_hbmeta.implicit_prior import context_at
-from numpyro_hbmeta.inner import Newton, TruncatedGD, max_eigenvalue
+from numpyro_hbmeta.inner import Newton, TruncatedGD
 
 if TYPE_CHECKING:
     from numpyro_hbmeta.eb import MetaEB, MetaEBState, StepInfo
@@ -202,16 +200,14 @@ class Monitor:
 
 
 def lambda_max(driver: MetaEB, params, support, tasks) -> np.ndarray:
-    """Largest eigenvalue of the inner loss's Hessian at φ⁰ for ``tasks`` (eager)."""
+    """Largest eigenvalue of the inner loss's Hessian at φ⁰ for ``tasks``, by the driver's
+    own compiled ``_lambda_max_at`` (the end-of-run implicit-prior check uses it too)."""
     constrained = driver._constrained(params, support, None)
     if driver._processes:  # every local task, gathered: the named tasks live anywhere
         return driver._gathered(driver._lambda_max_jit(constrained, driver._local(support))
                                 )[np.asarray(tasks)]
     subset = take_tasks(support, jnp.asarray(tasks))
-    with numpyro.validation_enabled(False):
-        context = context_at(driver.model, constrained, subset)
-        loss = driver.marginal.inner_loss(context, subset)
-        return np.asarray(max_eigenvalue(loss, context.phi0))
+    return np.asarray(driver._lambda_max_jit(constrained, subset))
 
 
 def inner_remedy(inner) -> str:

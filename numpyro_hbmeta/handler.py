@@ -369,7 +369,7 @@ class MetaMarginal:
                     query_trace = trace_hidden(self.model, query)
                 validate.finite_observations(query_trace, query, "query",
                                              task_dim=spec.plate_dim)
-            signature = _signature(support, query)
+            signature = data_signature(support, query)
             if signature not in self._independent:
                 self._check_independence(context, support, query, (key_support, key_query))
                 self._independent.add(signature)
@@ -382,7 +382,7 @@ class MetaMarginal:
         except ProbePointError as err:
             warnings.warn(f"meta_marginal could not check that tasks are independent: {err}",
                           stacklevel=3)
-            self._independent.add(_signature(support, query))
+            self._independent.add(data_signature(support, query))
 
     def _check_independence(self, context: TaskContext, support, query, keys) -> None:
         where = "θ = {" + ", ".join(f"{name}: {_short(value)}" for name, value in
@@ -434,8 +434,9 @@ def _start_values(spec: TaskSpec, params: Mapping[str, Any] | None, params_name:
     return substitute_fn
 
 
-def _signature(*data) -> tuple:
-    """Tree structure, shapes and dtypes of the data (values of non-array arguments)."""
+def data_signature(*data) -> tuple:
+    """Tree structure, shapes and dtypes of the data (values of non-array arguments): what
+    a cache of per-shape work (the model check, the driver's task structure) is keyed on."""
     leaves, treedef = jax.tree_util.tree_flatten(data)
     out = []
     for leaf in leaves:
