@@ -1,8 +1,10 @@
-"""Cost of :mod:`numpyro_hbmeta.linalg` (one LAPACK call per matrix) against ``jnp.linalg``.
+"""Cost of :mod:`numpyro_hbmeta.curvature._linalg` (one LAPACK call per matrix) against
+``jnp.linalg``.
 
 jaxlib 0.10–0.11 split one batched LAPACK call over XLA's CPU thread pool; that split is what
-deadlocks when several batched calls run at once (see ``numpyro_hbmeta/linalg.py``), and what
-the library gives up. Two settings, each timed interleaved, best of ``--repeats`` rounds:
+deadlocks when several batched calls run at once (see
+``numpyro_hbmeta/curvature/_linalg.py``), and what the library gives up. Two settings, each
+timed interleaved, best of ``--repeats`` rounds:
 
 - one batched eigh and one batched Cholesky of (tasks, n, n): the case where jaxlib's split
   can help, and the only one where ``jnp.linalg`` is safe to time (a single batched call cannot
@@ -10,7 +12,7 @@ the library gives up. Two settings, each timed interleaved, best of ``--repeats`
 - K-FAC's pattern, log det of several layers' factors with its gradient, batched over tasks,
   through the library only (with ``jnp.linalg`` this is the program that hangs).
 
-Prints milliseconds per call and the ratio ``numpyro_hbmeta.linalg / jnp.linalg``.
+Prints milliseconds per call and the ratio ``numpyro_hbmeta.curvature._linalg / jnp.linalg``.
 
     python benchmarks/cpu_linalg.py [--tasks 32] [--n 128] [--calls 20]
 """
@@ -23,7 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from numpyro_hbmeta import kfac, linalg
+from numpyro_hbmeta.curvature import _linalg as linalg
+from numpyro_hbmeta.curvature import kronecker as kfac
 
 
 def spd(key, tasks: int, n: int) -> jnp.ndarray:
@@ -74,10 +77,10 @@ def main() -> None:
           f"{args.calls} calls")
     for name in single:
         ours, theirs = best[f"{name} ours"], best[f"{name} jnp"]
-        print(f"  {name:9s} one batched call: numpyro_hbmeta.linalg {ours:8.2f} ms, "
+        print(f"  {name:9s} one batched call: library {ours:8.2f} ms, "
               f"jnp.linalg {theirs:8.2f} ms, ratio {ours / theirs:.2f}")
     print(f"  K-FAC log det + gradient, layers {sizes}, {args.tasks} tasks: "
-          f"{best['kfac']:.1f} ms per call (numpyro_hbmeta.linalg only: jnp.linalg can hang)")
+          f"{best['kfac']:.1f} ms per call (the library's linalg only: jnp.linalg can hang)")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import optax
 import numpyro_hbmeta as hbm
 from numpyro_hbmeta import plots
 from numpyro_hbmeta.models import sinusoid
-from numpyro_hbmeta.report import markdown_table
+from numpyro_hbmeta.output.report import markdown_table
 
 METHODS = ("maml", "llama-kfac", "llama-diag")
 # The task pool is reused across meta-iterations: MetaEB.run's eager model check costs

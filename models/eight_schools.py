@@ -40,7 +40,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from numpyro_hbmeta.data import TaskData
-from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.handlers import tasks
 from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "eight schools (Rubin 1981; BDA3 §5.5), real data; exact evidence, EB gives τ̂ = 0"

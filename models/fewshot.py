@@ -3,7 +3,7 @@ r"""Few-shot classification (N-way K-shot Omniglot episodes) as a hierarchical m
 Each episode is a task (Vinyals et al. 2016; Finn et al. 2017, §5.2; Grant et al., ICLR 2018,
 §5.2): N classes drawn from the training characters (each rotated by 0/90/180/270° is a class
 of its own), their labels permuted at random per episode, K support and ``k_query`` query
-images per class (:mod:`numpyro_hbmeta.episodes`). A network classifies the flattened image;
+images per class (:mod:`numpyro_hbmeta.nn.episodes`). A network classifies the flattened image;
 its weights are the task parameters:
 
     θ ~ N(0, diag(s²))               global weights, s = 1/√fan_in for weights, 1 for biases
@@ -16,8 +16,8 @@ a 196-64-64-5 MLP took 0.017 s per meta-step, a 784-128-64-5 MLP 0.092 s, and co
 filters, 28×28) did not finish compiling and 5 steps within 10 minutes. MAML's paper also
 reports a fully connected Omniglot learner ("MAML, no conv", Finn et al. 2017, Table 1), the
 fair published reference for this model. Every layer is a
-:func:`~numpyro_hbmeta.layers.dense_layer`, so ``curvature="kfac"`` (LLAMA) covers every task
-parameter. A convolution would need :func:`~numpyro_hbmeta.layers.conv2d_layer` (K-FAC's
+:func:`~numpyro_hbmeta.nn.layers.dense_layer`, so ``curvature="kfac"`` (LLAMA) covers every task
+parameter. A convolution would need :func:`~numpyro_hbmeta.nn.layers.conv2d_layer` (K-FAC's
 convolution factors, Grosse & Martens 2016); one written with plain ``nn.conv2d`` gets a clear
 ``ValueError`` from ``curvature="kfac"`` ("site ... is not in a declared dense layer"), never
 a silent fallback.
@@ -31,7 +31,7 @@ points is β = α/(N·K) here (0.4/5 = 0.08 for 5-way 1-shot); this MLP adapts b
 Data: :func:`load_omniglot` reads Omniglot from a path the user gives (argument, or the
 environment variable ``HBMETA_OMNIGLOT``; several paths separated by ``os.pathsep``, e.g. both
 "small" background zips, whose shared alphabets are kept once). Without a path it generates a
-small synthetic stroke-image set (:func:`numpyro_hbmeta.episodes.make_synthetic_omniglot`),
+small synthetic stroke-image set (:func:`numpyro_hbmeta.nn.episodes.make_synthetic_omniglot`),
 says so with a warning, marks every task label ``"SYNTHETIC ..."`` and sets
 :attr:`OmniglotData.synthetic`; nothing is downloaded.
 
@@ -58,16 +58,17 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from numpyro_hbmeta import episodes as ep
 from numpyro_hbmeta.data import TaskData
-from numpyro_hbmeta.eb import MetaEB
-from numpyro_hbmeta.handler import meta_marginal
-from numpyro_hbmeta.implicit_prior import context_at
+from numpyro_hbmeta.handlers import tasks
+from numpyro_hbmeta.infer.eb import MetaEB
+from numpyro_hbmeta.infer.implicit_prior import context_at
+from numpyro_hbmeta.infer.posterior import TaskPosterior
+from numpyro_hbmeta.infer.precision import as_precision
 from numpyro_hbmeta.inner import TruncatedGD
-from numpyro_hbmeta.kfac import unvec_mlp
-from numpyro_hbmeta.layers import dense_layer
-from numpyro_hbmeta.plate import tasks
-from numpyro_hbmeta.posterior import TaskPosterior, as_precision
+from numpyro_hbmeta.marginal.meta_marginal import meta_marginal
+from numpyro_hbmeta.nn import episodes as ep
+from numpyro_hbmeta.nn.layers import dense_layer
+from numpyro_hbmeta.nn.vec import unvec_mlp
 from numpyro_hbmeta.zoo import SMALL_CAPS, FitSettings, ZooModel
 
 SUMMARY = ("N-way K-shot Omniglot episodes (synthetic strokes unless a path / HBMETA_OMNIGLOT "
@@ -119,7 +120,7 @@ def num_params(n_way: int, **kwargs) -> int:
 
 
 def prior_scale(layer_sizes: Sequence[int]) -> np.ndarray:
-    """s per parameter in :func:`~numpyro_hbmeta.kfac.vec_mlp` order: 1/√fan_in, biases 1."""
+    """s per parameter in :func:`~numpyro_hbmeta.nn.vec.vec_mlp` order: 1/√fan_in, biases 1."""
     return np.concatenate([np.r_[np.full(a * b, 1 / math.sqrt(a)), np.ones(b)]
                            for a, b in itertools.pairwise(layer_sizes)]).astype(np.float32)
 
@@ -186,7 +187,7 @@ class OmniglotData(NamedTuple):
     """Train and test classes (disjoint characters) and where they came from.
 
     Attributes:
-        train, test: :class:`~numpyro_hbmeta.episodes.EpisodeDataset`.
+        train, test: :class:`~numpyro_hbmeta.nn.episodes.EpisodeDataset`.
         source: the path(s) read, or a sentence saying the images are synthetic.
         synthetic: True when no path was given and generated stroke images are used.
     """
@@ -479,7 +480,7 @@ def compare_report(results, data: TaskData, out, *, small: bool = False,
         ``(caption, markdown table, extra report lines)``.
     """
     del out
-    from numpyro_hbmeta.report import markdown_table  # outputs layer, only needed here
+    from numpyro_hbmeta.output.report import markdown_table  # outputs layer, only needed here
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # load_data already warned about synthetic images

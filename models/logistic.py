@@ -26,7 +26,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from numpyro_hbmeta.data import TaskData
-from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.handlers import tasks
 from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "hierarchical logistic regression, simulated; Laplace approximate (Bernoulli tasks)"

@@ -20,7 +20,7 @@ and a plain gradient step on the support log-likelihood sees curvature n_j / σ�
 ``hbmeta compare`` takes β = 0.5 / max_j λ_max,j at the start of the fit, so the largest county
 sets it; MAML then learns σ partly as an inner learning rate (the step on the residuals is
 β/σ²), and at the fitted σ β·λ can exceed 1 for the largest counties: the report says so and
-MAML's task posterior is not formed there (``numpyro_hbmeta.baselines.run_eb``).
+MAML's task posterior is not formed there (``numpyro_hbmeta.infer.baselines.run_eb``).
 
 Data (no network at run time): the 919 houses of 85 counties ship with the package in
 ``models/data/radon_mn.csv`` (origin, commit and license in ``models/data/README.md``: ArviZ's
@@ -53,7 +53,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from numpyro_hbmeta.data import TaskData
-from numpyro_hbmeta.plate import tasks
+from numpyro_hbmeta.handlers import tasks
 from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "Minnesota radon (Gelman & Hill 2006), 85 counties; ragged tasks, mask; exact evidence"

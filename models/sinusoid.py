@@ -8,12 +8,12 @@ x ~ U[−5, 5] (Finn et al. 2017, §5.1; Grant et al., ICLR 2018, §5.1). Each t
     φ_j ~ N(θ, τ² I)                 task weights, τ = ``TAU`` (fixed)
     y_jn ~ N(f(x_jn; φ_j), σ²)       σ = ``NOISE`` (fixed)
 
-The dense layers are declared with :func:`numpyro_hbmeta.layers.dense_layer`, so
+The dense layers are declared with :func:`numpyro_hbmeta.nn.layers.dense_layer`, so
 ``curvature="kfac"`` (LLAMA) sees them. Layer l computes (a / √d_l) W_l + b_l, the
 "NTK" parametrisation: the unit-scale prior above is LeCun's initialisation, and MetaEB's
 default start U(−2, 2) gives well-scaled activations; the 1/√d_l scales the layer *input*, so
 W_l and b_l are the task parameters themselves, as K-FAC needs. φ_j lays out each layer's
-W̄ = [W; b] row-major in layer order (:func:`numpyro_hbmeta.kfac.vec_mlp`).
+W̄ = [W; b] row-major in layer order (:func:`numpyro_hbmeta.nn.vec.vec_mlp`).
 
 Fixed τ and σ: MAML's and LLAMA's objectives do not involve τ (the inner loop's early stopping
 is the prior), and a learnt σ would change the inner step size on the likelihood scale while
@@ -48,12 +48,13 @@ from numpyro.infer import MCMC, NUTS
 
 from numpyro_hbmeta.curvature import KFAC, DiagCurvature
 from numpyro_hbmeta.data import TaskData
-from numpyro_hbmeta.handler import meta_marginal
-from numpyro_hbmeta.implicit_prior import context_at
-from numpyro_hbmeta.kfac import unvec_mlp
-from numpyro_hbmeta.layers import dense_layer
-from numpyro_hbmeta.plate import tasks
-from numpyro_hbmeta.posterior import TaskPosterior, as_precision
+from numpyro_hbmeta.handlers import tasks
+from numpyro_hbmeta.infer.implicit_prior import context_at
+from numpyro_hbmeta.infer.posterior import TaskPosterior
+from numpyro_hbmeta.infer.precision import as_precision
+from numpyro_hbmeta.marginal.meta_marginal import meta_marginal
+from numpyro_hbmeta.nn.layers import dense_layer
+from numpyro_hbmeta.nn.vec import unvec_mlp
 from numpyro_hbmeta.zoo import FitSettings, ZooModel
 
 SUMMARY = "MAML's sinusoid regression, simulated; 1-40-40-1 ReLU net, K-FAC layers"
@@ -75,7 +76,7 @@ INPUT = (-5.0, 5.0)
 # (:func:`compare_report`); NUTS on the task posterior is in experiments/sinusoid.py.
 COMPARE_METHODS: tuple[str, ...] = ("maml", "llama")
 
-# MetaEB settings (``ZOO_MODEL.fit``, read by ``numpyro_hbmeta.methods``). The inner step is
+# MetaEB settings (``ZOO_MODEL.fit``, read by ``numpyro_hbmeta.infer.methods``). The inner step is
 # on the summed NLL Σ (f − y)²/2σ²: β = 0.003 is a step of β·K/2σ² = 0.06 on the mean
 # squared error of K = 10 shots (MAML's 0.01 is for the standard parametrisation; here
 # hidden weights move the function 1/√40 as much per unit step). Measured on 25 tasks:
@@ -353,10 +354,10 @@ def laplace_predictive(params, support, x, *, inner, curvature=None, net: Sinuso
     with ``num_samples`` draws f(x; φ̂_j) + J_j S_j z, S_j S_jᵀ = Ĥ_j⁻¹, z ~ N(0, I_d). The
     posterior is ``TaskPosterior(φ̂, as_precision(Ĥ))`` in the curvature's own structure
     (Kronecker, diagonal, low rank plus diagonal) and the predictive its
-    :meth:`~numpyro_hbmeta.posterior.TaskPosterior.linearised_predictive`: no d × d matrix
+    :meth:`~numpyro_hbmeta.infer.posterior.TaskPosterior.linearised_predictive`: no d × d matrix
     and no Jacobian across tasks is formed. Ĥ_j is the curvature as given (δ its prior
     part), not the implicit-prior posterior of
-    :func:`~numpyro_hbmeta.posterior.laplace_task_posterior` (which would add MAML's
+    :func:`~numpyro_hbmeta.infer.posterior.laplace_task_posterior` (which would add MAML's
     implicit prior to the damping δ = 1/τ² that already stands for it).
 
     Args:
@@ -524,9 +525,9 @@ def compare_report(results, data: TaskData, out, *, small: bool = False
         tasks follow ``data``'s size).
     """
     del small
-    from numpyro_hbmeta import plots  # outputs layer, only needed here
     from numpyro_hbmeta.inner import TruncatedGD
-    from numpyro_hbmeta.report import markdown_table
+    from numpyro_hbmeta.output import plots  # outputs layer, only needed here
+    from numpyro_hbmeta.output.report import markdown_table
 
     num_tasks, shots = data.support["y"].shape
     test = simulate(jax.random.PRNGKey(20180330), num_tasks=num_tasks, shots=shots,

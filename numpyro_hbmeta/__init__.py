@@ -7,18 +7,19 @@ lets a NumPyro user write that model once and fit it with MAML, LLAMA and Laplac
 Bayes, and check them against NUTS on the same model.
 """
 
-from numpyro_hbmeta.compare import compare
 from numpyro_hbmeta.curvature import GGN, KFAC
 from numpyro_hbmeta.data import TaskData
-from numpyro_hbmeta.eb import MetaEB, MetaEBResult, MetaEBState, StepInfo
-from numpyro_hbmeta.handler import MetaMarginal, meta_marginal
-from numpyro_hbmeta.implicit_prior import implicit_prior
-from numpyro_hbmeta.inference_data import to_inference_data
+from numpyro_hbmeta.handlers import tasks
+from numpyro_hbmeta.infer.eb import MetaEB
+from numpyro_hbmeta.infer.implicit_prior import implicit_prior
+from numpyro_hbmeta.infer.posterior import TaskPosterior
+from numpyro_hbmeta.infer.results import FitResult
+from numpyro_hbmeta.infer.state import MetaEBResult, MetaEBState, StepInfo
 from numpyro_hbmeta.inner import InnerInfo, Newton, TruncatedGD
-from numpyro_hbmeta.layers import conv2d_layer, dense_layer
-from numpyro_hbmeta.plate import tasks
-from numpyro_hbmeta.posterior import TaskPosterior
-from numpyro_hbmeta.results import FitResult
+from numpyro_hbmeta.marginal.meta_marginal import MetaMarginal, meta_marginal
+from numpyro_hbmeta.nn.layers import conv2d_layer, dense_layer
+from numpyro_hbmeta.output.compare import compare
+from numpyro_hbmeta.output.inference_data import to_inference_data
 
 __version__ = "0.1.0"
 
@@ -49,9 +50,17 @@ __all__ = [
 ]
 
 
+# Modules reachable as attributes, imported on first use (plots pulls in matplotlib).
+_SUBMODULES = {
+    "baselines": "numpyro_hbmeta.infer.baselines",
+    "models": "numpyro_hbmeta.models",
+    "plots": "numpyro_hbmeta.output.plots",
+}
+
+
 def __getattr__(name: str):
-    if name in ("plots", "models", "baselines"):
+    if name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -234,7 +234,7 @@ def finite_observations(trace: Mapping[str, Mapping[str, Any]], data: Mapping[st
     Raises:
         InputError: naming the data argument, the site, the tasks and the first positions.
     """
-    from numpyro_hbmeta.rerun import site_mask  # rerun imports this module
+    from numpyro_hbmeta.marginal.rerun import site_mask  # rerun imports this module
 
     observed_arguments = set()
     for name, site in trace.items():

@@ -1,7 +1,7 @@
 """The zoo protocol: what a model of :mod:`numpyro_hbmeta.models` declares, typed.
 
 Every zoo module declares one ``ZOO_MODEL = ZooModel(...)``; ``hbmeta compare`` and
-:mod:`numpyro_hbmeta.methods` read that object and nothing else (no attribute probing).
+:mod:`numpyro_hbmeta.infer.methods` read that object and nothing else (no attribute probing).
 
 Why a frozen dataclass rather than a :class:`typing.Protocol` over modules: a Protocol would
 still be satisfied structurally by module attributes, checked only by a type checker, and
@@ -15,7 +15,7 @@ it without importing anything else. The module attributes that tutorials and tes
 Fit settings (:class:`FitSettings`) replace the former ``FIT`` dicts merged over
 ``methods.DEFAULTS``: one frozen dataclass per model with every field typed and defaulted.
 MAML's inner step ``maml_step_size=None`` means "chosen from the data" (see
-:func:`numpyro_hbmeta.methods.stable_step_size`): β = c / max_j λ_max,j with λ_max,j the
+:func:`numpyro_hbmeta.infer.methods.stable_step_size`): β = c / max_j λ_max,j with λ_max,j the
 largest eigenvalue of task j's support negative-log-likelihood Hessian with the globals at
 unconstrained 0 (locations 0, scales 1; not the random start, whose scales vary 50-fold) and
 c = ``maml_step_fraction`` = 0.1, so that β·λ ≤ 0.1 there and stays below 1 while MAML's

@@ -32,14 +32,14 @@ import pytest
 # CLI's model runs and the statistical checks.
 SLOW_FIRST = (
     "tests/tutorials/test_statistics_tutorials.py",
-    "tests/test_cli.py",
+    "tests/cli/test_cli.py",
     "tests/tutorials/test_neural_tutorials.py",
     "tests/experiments/",
-    "tests/test_zoo_agreement.py",
-    "tests/test_eb.py",
-    "tests/test_nuts_agreement.py",
-    "tests/test_inference_data.py",
-    "tests/test_handler.py",
+    "tests/infer/test_zoo_agreement.py",
+    "tests/infer/test_eb.py",
+    "tests/infer/test_nuts_agreement.py",
+    "tests/output/test_inference_data.py",
+    "tests/marginal/test_handler.py",
     "tests/models/",
 )
 

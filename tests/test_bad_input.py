@@ -20,7 +20,8 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import log_density
 
 import numpyro_hbmeta as hbm
-from numpyro_hbmeta import baselines, validate
+from numpyro_hbmeta import validate
+from numpyro_hbmeta.infer import baselines
 from numpyro_hbmeta.models import linear
 
 KEY = jax.random.PRNGKey(0)
@@ -363,7 +364,7 @@ def test_lists_are_accepted_and_equal_arrays():
 
 
 def test_check_is_cached_by_signature_but_values_are_always_checked(monkeypatch):
-    from numpyro_hbmeta import handler
+    from numpyro_hbmeta.marginal import meta_marginal as handler
 
     calls = []
     probe = handler.probe_task_independence
@@ -384,7 +385,7 @@ def test_check_is_cached_by_signature_but_values_are_always_checked(monkeypatch)
 
 
 def test_probe_is_compiled_once_per_model_and_shapes():
-    from numpyro_hbmeta.density import _probe_jit
+    from numpyro_hbmeta.marginal.density import _probe_jit
 
     hbm.meta_marginal(linear.model, inner=NEWTON).check(S)
     before = _probe_jit._cache_size()

@@ -21,7 +21,7 @@ import pytest
 
 import numpyro_hbmeta as hbm
 from numpyro_hbmeta.curvature import hessian_blocks
-from numpyro_hbmeta.implicit_prior import context_at
+from numpyro_hbmeta.infer.implicit_prior import context_at
 from numpyro_hbmeta.models import linear
 
 NUM_TASKS = 4000  # 4000 tasks x 10 points = 40,000 rows: past 2¹⁴ and 2¹⁵

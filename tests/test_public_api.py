@@ -24,9 +24,9 @@ def test_public_name_imports(name):
 def test_module_level_names_used_by_tutorials_and_experiments_still_import():
     # Names reached through their modules in the tutorials, experiments and docs.
     for module, names in {
-        "numpyro_hbmeta.eb": ("MetaEB", "MetaEBResult", "TaskGaussian"),
-        "numpyro_hbmeta.handler": ("OBJECTIVE_SITE", "TaskContext", "meta_marginal"),
-        "numpyro_hbmeta.implicit_prior": ("context_at", "implicit_prior"),
+        "numpyro_hbmeta.infer.eb": ("MetaEB", "MetaEBResult", "TaskGaussian"),
+        "numpyro_hbmeta.marginal.meta_marginal": ("OBJECTIVE_SITE", "TaskContext", "meta_marginal"),
+        "numpyro_hbmeta.infer.implicit_prior": ("context_at", "implicit_prior"),
         "numpyro_hbmeta.inner": ("InnerInfo", "Newton", "TruncatedGD"),
     }.items():
         loaded = importlib.import_module(module)

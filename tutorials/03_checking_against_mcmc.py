@@ -68,9 +68,9 @@ import scipy.stats
 
 import numpyro_hbmeta as hbm
 from numpyro_hbmeta import baselines, plots
-from numpyro_hbmeta.compare import summary_table
 from numpyro_hbmeta.data import take_tasks
 from numpyro_hbmeta.models import eight_schools, radon
+from numpyro_hbmeta.output.compare import summary_table
 
 # float64: Newton's convergence test (tol 1e-8) can only trigger above float32's precision.
 numpyro.enable_x64()

@@ -8,8 +8,8 @@ import pytest
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
+from numpyro_hbmeta.handlers import is_task_frame
 from numpyro_hbmeta.models import eight_schools
-from numpyro_hbmeta.plate import is_task_frame
 
 
 @pytest.fixture

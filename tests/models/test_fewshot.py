@@ -12,11 +12,12 @@ import pytest
 from numpyro import handlers
 
 import numpyro_hbmeta as hbm
-from numpyro_hbmeta import episodes, nn
-from numpyro_hbmeta.kfac import unvec_mlp
-from numpyro_hbmeta.layers import LAYER
+from numpyro_hbmeta import nn
+from numpyro_hbmeta.handlers import is_task_frame
 from numpyro_hbmeta.models import fewshot, get_model
-from numpyro_hbmeta.plate import is_task_frame
+from numpyro_hbmeta.nn import episodes
+from numpyro_hbmeta.nn.layers import LAYER
+from numpyro_hbmeta.nn.vec import unvec_mlp
 
 SMALL_HIDDEN = (32,)
 

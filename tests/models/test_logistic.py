@@ -8,8 +8,8 @@ from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import log_density
 
+from numpyro_hbmeta.handlers import is_task_frame
 from numpyro_hbmeta.models import logistic
-from numpyro_hbmeta.plate import is_task_frame
 
 
 @pytest.mark.parametrize(("small", "tasks", "points"), [(False, 20, 20), (True, 8, 10)])

@@ -10,8 +10,8 @@ from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import log_density
 
+from numpyro_hbmeta.handlers import is_task_frame
 from numpyro_hbmeta.models import radon
-from numpyro_hbmeta.plate import is_task_frame
 
 PARAMS = {"mu_alpha": 1.4, "beta": -0.6, "tau": 0.3, "sigma": 0.8}
 

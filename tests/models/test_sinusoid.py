@@ -14,11 +14,11 @@ from numpyro import handlers
 import numpyro_hbmeta as hbm
 from numpyro_hbmeta import curvature, nn
 from numpyro_hbmeta.curvature import GGN
-from numpyro_hbmeta.implicit_prior import context_at
-from numpyro_hbmeta.kfac import unvec_mlp
-from numpyro_hbmeta.layers import LAYER
+from numpyro_hbmeta.handlers import is_task_frame
+from numpyro_hbmeta.infer.implicit_prior import context_at
 from numpyro_hbmeta.models import get_model, sinusoid
-from numpyro_hbmeta.plate import is_task_frame
+from numpyro_hbmeta.nn.layers import LAYER
+from numpyro_hbmeta.nn.vec import unvec_mlp
 
 
 def test_load_data_shapes_truth_and_reproducibility():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from numpyro_hbmeta import models
-from numpyro_hbmeta.methods import METHODS, stable_step_size, support_max_eigenvalues
+from numpyro_hbmeta.infer.methods import METHODS, stable_step_size, support_max_eigenvalues
 from numpyro_hbmeta.zoo import SMALL_CAPS, FitSettings, ZooModel
 
 

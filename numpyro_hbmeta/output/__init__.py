@@ -1,0 +1,1 @@
+"""What a fit is shown as: ArviZ ``InferenceData``, comparison tables, reports and plots."""
