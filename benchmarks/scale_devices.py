@@ -6,7 +6,8 @@ runs the inner solves and per-task objectives of its own J / n tasks, and the me
 ∇_θ Σ_j objective_j(θ) becomes n partial sums joined by one all-reduce. Ideally a step
 therefore costs ≈ 1/n of the one-device step plus the all-reduce of the globals' gradient
 (a few numbers for the linear model). With ``task_batch_size`` B the step draws B of the J
-tasks: a gather from sharded data that XLA lowers to collectives.
+tasks: a gather from sharded data that XLA lowers to collectives, after which the driver
+splits the batch over the devices again (B / n tasks each; B must be a multiple of n).
 
 Problems (``--problem``):
 
@@ -137,8 +138,8 @@ def setup(settings: dict, support, query, init_params, devices: list, batches: l
     driver = hbm.MetaEB(**settings, mesh=mesh)
     support, query = driver.shard(support, query)
     state = driver.init(jax.random.PRNGKey(1), support, query, init_params)
-    # What run() does to its start (init alone leaves it on the default device).
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    # init replicates the state over the mesh, the layout update expects.
+    assert state.step.sharding == NamedSharding(mesh, PartitionSpec()), state.step.sharding
     step = jax.jit(driver.update, static_argnames=("task_batch_size",))
     compiled = {batch: step.lower(state, jax.random.PRNGKey(3), support, query,
                                   task_batch_size=batch).compile() for batch in batches}

@@ -56,6 +56,14 @@ _SPLIT_FLOPS = 200_000
 _FLOPS_PER_N3 = 15
 
 
+def _chunk_size(size: int, n: int) -> int:
+    """The most matrices per LAPACK call that jaxlib still runs inline (batch × cost below
+    the split), among the divisors of ``size`` (equal chunks: one compiled call)."""
+    most = max(1, (_SPLIT_FLOPS - 1) // (_FLOPS_PER_N3 * n**3))
+    loops = next(m for m in range(-(-size // most), size + 1) if size % m == 0)
+    return size // loops
+
+
 def _one_matrix_at_a_time(fn: Callable) -> Callable:
     """``fn`` (batch-polymorphic in leading axes) with one LAPACK call per matrix on CPU."""
 
@@ -64,8 +72,19 @@ def _one_matrix_at_a_time(fn: Callable) -> Callable:
         size = math.prod(batch)
         if size <= 1 or size * _FLOPS_PER_N3 * n**3 < _SPLIT_FLOPS:
             return fn(x)
-        out = jax.lax.map(fn, x.reshape((size, n, n)))
-        return jax.tree.map(lambda o: o.reshape((*batch, *o.shape[1:])), out)
+        chunk = _chunk_size(size, n)
+        if chunk == 1:
+            out = jax.lax.map(fn, x.reshape((size, n, n)))
+            return jax.tree.map(lambda o: o.reshape((*batch, *o.shape[1:])), out)
+        # Matrix i = a·loops + b goes to chunk row a, loop step b: the chunk axis holds the
+        # batch's contiguous blocks, so a batch split over devices (tasks sharded over a
+        # mesh) stays split, each device calling LAPACK on its part of every chunk. With
+        # (loops, chunk) the loop would run over the split axis, and XLA would all-gather the
+        # batch and run the whole loop on every device.
+        steps = jnp.swapaxes(x.reshape((chunk, size // chunk, n, n)), 0, 1)
+        out = jax.lax.map(fn, steps)
+        return jax.tree.map(
+            lambda o: jnp.swapaxes(o, 0, 1).reshape((*batch, *o.shape[2:])), out)
 
     @jax.custom_batching.custom_vmap
     def call(x):

@@ -6,7 +6,10 @@ optimiser state are replicated, ``NamedSharding(mesh, P())``. Nothing else is an
 ``jax.jit`` XLA's partitioner (GSPMD) propagates the layout, so the inner solves, the
 curvature and the per-task objectives run where their tasks live, and the sum over tasks in
 the meta-gradient becomes the all-reduce XLA inserts. A task batch drawn from sharded data
-(``task_batch_size``) is a gather XLA lowers to collectives.
+(``task_batch_size``) is a gather XLA lowers to collectives; the driver lays the gathered
+batch out ``P("tasks")`` again (:meth:`MetaEB._split_batch
+<numpyro_hbmeta.infer.eb.MetaEB._split_batch>`), so each device solves its share of the
+batch, and :meth:`~numpyro_hbmeta.infer.eb.MetaEB.init` returns its state replicated.
 
 Several processes (``jax.distributed``): a mesh whose devices belong to more than one process
 (``"auto"`` after ``jax.distributed.initialize()``) makes the data *process-local*: each
