@@ -24,10 +24,11 @@ from numpyro_hbmeta.inner.info import InnerInfo, value_and_grad
 __all__ = ["TruncatedGD", "max_eigenvalue", "stable_step_size"]
 
 
-def _gd_info(values: jnp.ndarray, final: jnp.ndarray, last_grads: jnp.ndarray,
+def _gd_info(values: jnp.ndarray, final: jnp.ndarray, last_grad_norm: jnp.ndarray,
              finite: jnp.ndarray) -> InnerInfo:
-    """Diagnostics of K GD steps from the losses ℓ(φ^0..φ^{K−1}) (K, tasks), ℓ(φ^K) and the
-    per-step finiteness of the iterates φ^1..φ^K (K, tasks).
+    """Diagnostics of K GD steps from the losses ℓ(φ^0..φ^{K−1}) (K, tasks), ℓ(φ^K), the
+    norm ‖∇ℓ(φ^{K−1})‖ (tasks,) and the per-step finiteness of the iterates φ^1..φ^K
+    (K, tasks).
 
     A step "rose" when ℓ(φ^k) > ℓ(φ^{k−1}) + √ε (1 + |ℓ(φ^{k−1})|), or ℓ(φ^k) exceeds ℓ(φ⁰)
     by as much. On a quadratic, GD with βλ ≤ 2 along every direction never raises the loss
@@ -47,7 +48,7 @@ def _gd_info(values: jnp.ndarray, final: jnp.ndarray, last_grads: jnp.ndarray,
     return InnerInfo(
         loss=losses[0],
         final_loss=final,
-        grad_norm=jnp.linalg.norm(last_grads, axis=-1),
+        grad_norm=last_grad_norm,
         num_steps=np.full(final.shape, values.shape[0], np.int32),
         converged=~diverged,
         diverged_at=jnp.where(any_bad, jnp.argmax(bad, 0) + 1, 0).astype(jnp.int32),
@@ -63,14 +64,51 @@ class TruncatedGD:
     the loss grows by (1 − βλ)² per step and ``InnerInfo.diverged`` is set for that task.
     :func:`max_eigenvalue` and :func:`stable_step_size` give a β that is safe.
 
+    **Second-order gradients and their memory.** The meta-gradient of a loss at φ^K flows back
+    through all K steps φ^{k+1} = φ^k − β∇ℓ(φ^k) (each step's Jacobian is I − β∇²ℓ(φ^k), so
+    the backward pass needs every φ^k). A plain ``lax.scan`` keeps every step's residuals:
+    memory O(K·r), r the residuals of one step (at least |state| = tasks × d, a few times that
+    with the Hessian-vector product's intermediates). ``checkpoint=True`` is two-level
+    checkpointing (Griewank & Walther, *Evaluating Derivatives*, 2nd ed. 2008, ch. 12): the K
+    steps are split into S = ⌊K/L⌋ segments of L = ⌊√K⌋ steps (and R = K − S·L < L steps
+    left over, run last without checkpointing), an outer ``lax.scan`` over the segments whose
+    body is the ``jax.checkpoint``-ed inner scan of L steps. The forward pass stores only the
+    S ≤ √K + 2 segment-start states; the backward pass re-runs one segment at a time from its
+    stored state and keeps that segment's L residuals while transposing it. Peak memory is
+
+        S·|state| + L·r  ≈  √K·(|state| + r)  =  O(√K·|state|),
+
+    and the compute is one extra forward pass: ≈ 2× the forward FLOPs of the plain loop
+    before the backward pass (each step is evaluated twice, the backward once). The steps and
+    their arithmetic are the same as the plain loop's (no padded or masked steps), so φ^K,
+    ``InnerInfo`` and the meta-gradients agree with ``checkpoint=False`` to rounding (equal to
+    ~1e-15 in float64; ``tests/inner/test_checkpoint.py``). Measured on the sinusoid net:
+    ``docs/performance.md``, "Second-order MAML memory against the inner steps K".
+
+    **Which route is which.** This class is truncated GD: the meta-gradient differentiates the
+    K unrolled steps (second-order MAML; with ``checkpoint=True`` in O(√K) memory;
+    ``first_order=True`` drops the second-order terms, memory O(1) in K). iMAML (Rajeswaran
+    et al., NeurIPS 2019) is a different route: the inner problem with an explicit Gaussian
+    prior (the proximal term ½λ‖φ − θ‖²) solved to convergence, and the meta-gradient from the
+    implicit function theorem at the optimum, dφ̂/dθ = −H⁻¹ ∂²ℓ/∂φ∂θ, whose memory does not
+    depend on the number of inner iterations at all. In this library that is
+    :class:`~numpyro_hbmeta.Newton` (its prior is always ``"explicit"``: the negative log
+    joint of the model, whose task prior p(φ | θ) plays the proximal term), with
+    ``objective="maml"`` for iMAML's query-loss objective or ``objective="laplace"`` for the
+    Laplace evidence. (iMAML solves H⁻¹v by conjugate gradients; ``Newton`` forms each task's
+    d × d Hessian from d Hessian-vector products, exact but for moderate d.)
+    ``TruncatedGD(prior="explicit")`` descends the same explicit objective but stops after K
+    steps and differentiates the unrolled steps, not the optimum.
+
     Args:
         num_steps: K.
         step_size: β.
         prior: ``"implicit"`` descends the support negative log-likelihood (MAML: the prior
             is the one early stopping implies); ``"explicit"`` descends the negative log joint.
         first_order: stop gradients through the inner loop (first-order MAML).
-        checkpoint: rematerialise each step in the backward pass (memory of one step's
-            activations per step instead of all of them).
+        checkpoint: two-level (√K) checkpointing of the inner loop for second-order
+            gradients: memory O(√K·|state|) instead of O(K·|state|), for about one more
+            forward pass of compute (above). Same values and gradients.
     """
 
     num_steps: int
@@ -99,19 +137,56 @@ class TruncatedGD:
             if self.first_order:
                 grads = jax.lax.stop_gradient(grads)
             new_phi = phi - self.step_size * grads
-            return new_phi, (values, grads, jnp.all(jnp.isfinite(new_phi), -1))
+            # The per-step outputs are (tasks,)-sized diagnostics only: stacking the (tasks, d)
+            # gradients of every step would cost O(K·|φ|) whatever the checkpointing.
+            grad_norm = jnp.linalg.norm(jax.lax.stop_gradient(grads), axis=-1)
+            return new_phi, (values, grad_norm, jnp.all(jnp.isfinite(new_phi), -1))
 
-        if self.checkpoint:
-            step = jax.checkpoint(step)
         if self.num_steps == 0:
             values = loss(phi0)
             zeros = np.zeros(phi0.shape[0], np.int32)
             info = InnerInfo(values, values, np.zeros(phi0.shape[0], phi0.dtype), zeros,
                              jnp.isfinite(values), zeros, ~jnp.isfinite(values))
             return phi0, jax.lax.stop_gradient(info)
-        phi, (values, grads, finite) = jax.lax.scan(step, phi0, None, length=self.num_steps)
+        scan = _checkpointed_scan if self.checkpoint else _plain_scan
+        phi, (values, grad_norms, finite) = scan(step, phi0, self.num_steps)
         final = loss(jax.lax.stop_gradient(phi))
-        return phi, jax.lax.stop_gradient(_gd_info(values, final, grads[-1], finite))
+        return phi, jax.lax.stop_gradient(_gd_info(values, final, grad_norms[-1], finite))
+
+
+def _plain_scan(step, carry, num_steps: int):
+    """K steps in one ``lax.scan``: reverse mode keeps every step's residuals, O(K)."""
+    return jax.lax.scan(step, carry, None, length=num_steps)
+
+
+def _checkpointed_scan(step, carry, num_steps: int):
+    """The same K steps, as two-level checkpointing (Griewank & Walther 2008, ch. 12).
+
+    L = ⌊√K⌋ steps make a segment, S = ⌊K/L⌋ ≥ L segments run in an outer ``lax.scan`` whose
+    body is the ``jax.checkpoint``-ed inner scan of L steps, and the R = K − S·L < L remaining
+    steps run after them in a plain scan (their residuals are freed before the segments are
+    re-run: checkpointing them too, or running them first, measured the same). The outer scan
+    saves only the S segment-start carries; the backward pass re-runs one segment at a time,
+    keeping its L steps' residuals while it is transposed. L = ⌊√K⌋ rather than ⌈√K⌉ keeps
+    S ≥ 2 for K ≥ 2: with ⌈√K⌉, K = 5 gave one 3-step segment and a remainder of 2, and
+    XLA's temporaries came out above the plain loop's (a one-trip loop is no checkpoint).
+    ``prevent_cse`` stays on so that no backend can merge the recomputation into the forward
+    pass. The steps, their order and their arithmetic are those of :func:`_plain_scan` (no
+    padding, no masked steps); only what is stored and what is recomputed differ.
+    """
+    seg_len = math.isqrt(num_steps)
+    num_segments, remainder = divmod(num_steps, seg_len)
+
+    def segment(carry, _):
+        return jax.lax.scan(step, carry, None, length=seg_len)
+
+    carry, outputs = jax.lax.scan(jax.checkpoint(segment), carry, None, length=num_segments)
+    outputs = jax.tree.map(lambda y: y.reshape((num_segments * seg_len, *y.shape[2:])),
+                           outputs)
+    if remainder:
+        carry, rest = jax.lax.scan(step, carry, None, length=remainder)
+        outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outputs, rest)
+    return carry, outputs
 
 
 def max_eigenvalue(loss: TaskLoss, phi: jnp.ndarray, *, num_iters: int = 100,
