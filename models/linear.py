@@ -116,11 +116,24 @@ def exact_type2_ml(data, *, init=None) -> dict:
     return {k: jnp.asarray(v) for k, v in unpack(jnp.asarray(z)).items()}
 
 
+def init_params(rng_key=None) -> dict[str, jnp.ndarray]:
+    """Where ``hbmeta compare`` starts MetaEB: θ = 0, τ = σ = 1 (the globals at unconstrained
+    0), the point MAML's inner step β = 0.1 / max_j λ_max,j is read off
+    (:func:`numpyro_hbmeta.infer.methods.stable_step_size`). From MetaEB's uniform start σ can
+    be e⁻² ≈ 0.14, where λ ∝ 1/σ² is 55 times larger and β·λ > 2: the inner loop diverges at
+    step 0 (seen on ``hbmeta compare linear --small``). ``rng_key`` is unused: the start is
+    deterministic."""
+    del rng_key
+    return {"theta": jnp.zeros(len(TRUE_THETA)), "tau": jnp.asarray(1.0),
+            "sigma": jnp.asarray(1.0)}
+
+
 ZOO_MODEL = ZooModel(
     name="linear", summary=SUMMARY, model=model, load_data=load_data, globals=GLOBALS,
     task_sites=TASK_SITES, laplace_exact=LAPLACE_EXACT,
     default_methods=("maml", "laplace", "nuts"),
     # β from the data: σ and the design set the support curvature XᵀX/σ².
     fit=FitSettings(maml_steps=5, maml_step_size=None),
+    init_params=init_params,
     exact_type2_ml=exact_type2_ml,
 )

@@ -86,6 +86,29 @@ def test_unwritable_out_fails_before_any_fit(tmp_path, capsys, monkeypatch):
                    "is not a writable folder")
 
 
+def test_compile_cache_folder_default_off_and_environment(tmp_path, monkeypatch, capsys):
+    import jax
+
+    from numpyro_hbmeta.cli.main import _use_compile_cache
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+    assert _use_compile_cache(None) == str(tmp_path / "env")  # JAX reads the variable itself
+    assert _use_compile_cache("") is None
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        folder = _use_compile_cache(None)
+        assert folder == str(tmp_path / "xdg" / "numpyro_hbmeta" / "jax")
+        assert Path(folder).is_dir() and jax.config.jax_compilation_cache_dir == folder
+        blocked = tmp_path / "file"
+        blocked.write_text("")
+        assert _use_compile_cache(str(blocked / "cache")) is None  # cannot be created
+        assert "no compilation cache" in capsys.readouterr().err
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "numpyro_hbmeta.cli", "models"],
                             capture_output=True, text=True, timeout=120, check=True)
