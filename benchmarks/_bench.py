@@ -83,6 +83,7 @@ class CompileClock:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.count = 0
+        self.phases = dict.fromkeys(("trace", "lower", "compile"), 0.0)
 
     def install(self) -> CompileClock:
         jax.monitoring.register_event_duration_secs_listener(self._listen)
@@ -90,11 +91,13 @@ class CompileClock:
 
     def reset(self) -> None:
         self.seconds, self.count = 0.0, 0
+        self.phases = dict.fromkeys(self.phases, 0.0)
 
     def _listen(self, event: str, duration: float, **_: object) -> None:
         if event in COMPILE_EVENTS:
             self.seconds += duration
             self.count += event == COMPILE_EVENTS[-1]
+            self.phases[("trace", "lower", "compile")[COMPILE_EVENTS.index(event)]] += duration
 
 
 def max_rss_mib() -> float:

@@ -19,47 +19,12 @@ the warm-cache figure.
 from __future__ import annotations
 
 import argparse
-import collections
-import functools
 import time
 import warnings
 
 import jax
 import optax
-from _bench import machine
-
-# JAX's duration events of one compilation, in the order they happen.
-EVENTS = {
-    "/jax/core/compile/jaxpr_trace_duration": "trace",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
-    "/jax/core/compile/backend_compile_duration": "compile",
-}
-
-
-class CompileLog:
-    """Sums and counts JAX's compile-duration events while it is active."""
-
-    def __init__(self) -> None:
-        self.seconds: collections.Counter = collections.Counter()
-        self.counts: collections.Counter = collections.Counter()
-        self.active = False
-        jax.monitoring.register_event_duration_secs_listener(self._record)
-
-    def _record(self, event: str, duration: float, **_) -> None:
-        if self.active and event in EVENTS:
-            self.seconds[EVENTS[event]] += duration
-            self.counts[EVENTS[event]] += 1
-
-    def measure(self, fn):
-        self.seconds.clear()
-        self.counts.clear()
-        self.active = True
-        start = time.perf_counter()
-        try:
-            jax.block_until_ready(fn())
-        finally:
-            self.active = False
-        return time.perf_counter() - start, dict(self.seconds), dict(self.counts)
+from _bench import CompileClock, machine
 
 
 def _one_step(driver, support, final_checks: bool):
@@ -81,7 +46,7 @@ def main() -> None:
     import numpyro_hbmeta as hbm
     from numpyro_hbmeta.models import get_zoo_model
 
-    log = CompileLog()
+    clock = CompileClock().install()
     print(machine())
     print(f"Laplace-EB (Newton), run(key, 1), final_checks={args.final_checks}\n")
     header = (f"{'model':14s} {'call':6s} {'wall s':>7s} {'compiles':>8s} {'trace s':>8s} "
@@ -96,12 +61,13 @@ def main() -> None:
         for call in ("first", "second"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # one step has not converged: expected
-                wall, seconds, counts = log.measure(functools.partial(
-                    _one_step, driver, support, args.final_checks))
-            jit_s = sum(seconds.values())
-            print(f"{name:14s} {call:6s} {wall:7.2f} {counts.get('compile', 0):8d} "
-                  f"{seconds.get('trace', 0.0):8.2f} {seconds.get('lower', 0.0):8.2f} "
-                  f"{seconds.get('compile', 0.0):9.2f} {wall - jit_s:8.2f}")
+                clock.reset()
+                start = time.perf_counter()
+                jax.block_until_ready(_one_step(driver, support, args.final_checks))
+                wall = time.perf_counter() - start
+            phases = clock.phases
+            print(f"{name:14s} {call:6s} {wall:7.2f} {clock.count:8d} {phases['trace']:8.2f} "
+                  f"{phases['lower']:8.2f} {phases['compile']:9.2f} {wall - clock.seconds:8.2f}")
     print("\nwall: the call's wall time; compiles: backend compilations (jax.monitoring); "
           "trace/lower/compile: JAX's own durations of those phases; other: wall minus them "
           "(the eager model check, Python, the step).")
