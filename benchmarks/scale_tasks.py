@@ -17,15 +17,30 @@ and the fitted exponents b of cost ∝ J^b (log-log least squares). DESIGN.md's 
 costs what its task batch costs, so the batched step should not grow with J (issue 12: at
 J = 10⁶ within 2× of J = 10³).
 
+``--whole-run`` instead times ``MetaEB.run`` itself, one fresh process per J (so each peak
+RSS is that J's own): the batched steps (``final_checks=False``, after a warm-up run that
+compiles them), then a whole run with its end-of-run checks (outer convergence, the boundary
+check's full-data losses), and the checks alone once more when compiled. Per J: ms per step
+(from runs of 50 and 50 + ``--steps`` steps, best of three each, so that run's once-per-call
+O(J) setup, the data validation, is apart: "setup s"), whole-run seconds, check seconds
+(first with compilation, then warm ``boundary_sites``), and peak RSS after the data, after
+the steps and after the checks.
+
     python benchmarks/scale_tasks.py [--max-tasks 100000] [--batch 256] [--rounds 3]
     python benchmarks/scale_tasks.py --min-tasks 1000 --max-tasks 1000000 --batch-only
+    python benchmarks/scale_tasks.py --whole-run --min-tasks 1000 --max-tasks 1000000 \
+        --batch 256 --steps 500
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
+import sys
 import time
+import warnings
 
 import jax
 import optax
@@ -63,6 +78,64 @@ def compile_choice(num_tasks: int, batch: int):
     return jax.jit(draw).lower(jax.random.PRNGKey(0)).compile()
 
 
+def one_run(num_tasks: int, batch: int, steps: int) -> dict[str, float]:
+    """MetaEB.run on J tasks with a task batch: step time, run time, check time, peak RSS."""
+    driver = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace",
+                        optimizer=optax.adam(0.05))
+    support = linear.simulate(jax.random.PRNGKey(0), num_tasks=num_tasks,
+                              num_support=10).support
+    jax.block_until_ready(support)
+    row = {"J": num_tasks, "batch": batch, "steps": steps, "rss_data_mib": max_rss_mib()}
+    kwargs = {"task_batch_size": batch, "progress_bar": False}
+    warnings.simplefilter("ignore")  # "not converged" after a short run: not the point here
+    driver.run(jax.random.PRNGKey(1), 50, support, final_checks=False, **kwargs)  # compiles
+    seconds = {50: math.inf, 50 + steps: math.inf}
+    for _ in range(3):  # best of three; the difference: steps alone, without run's O(J) setup
+        for num_steps in seconds:
+            start = time.perf_counter()
+            driver.run(jax.random.PRNGKey(1), num_steps, support, final_checks=False, **kwargs)
+            seconds[num_steps] = min(seconds[num_steps], time.perf_counter() - start)
+    row["step_ms"] = 1e3 * (seconds[50 + steps] - seconds[50]) / steps
+    row["setup_s"] = seconds[50] - 50e-3 * row["step_ms"]
+    row["rss_steps_mib"] = max_rss_mib()
+    start = time.perf_counter()
+    result = driver.run(jax.random.PRNGKey(1), steps, support, **kwargs)
+    row["run_s"] = time.perf_counter() - start
+    row["checks_s"] = row["run_s"] - 1e-3 * row["step_ms"] * steps - row["setup_s"]
+    row["rss_checks_mib"] = max_rss_mib()
+    start = time.perf_counter()
+    driver.boundary_sites(result.params, support)
+    row["checks_warm_s"] = time.perf_counter() - start
+    return row
+
+
+def whole_runs(args) -> None:
+    rows = []
+    for num_tasks in task_counts(args.min_tasks, args.max_tasks):
+        out = subprocess.run(
+            [sys.executable, __file__, "--one-run", str(num_tasks), "--batch", str(args.batch),
+             "--steps", str(args.steps)], check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  J={num_tasks:>8} done", flush=True)
+    print(f"\nMetaEB.run, Laplace EB (Newton inner, linear model, 10 support points per task), "
+          f"task batch {args.batch}, {args.steps} steps; {machine()}")
+    print(f"{'J':>8} {'step ms':>8} {'setup s':>8} {'run s':>7} {'checks s':>9} {'warm s':>7} "
+          f"{'RSS data':>9} {'RSS steps':>10} {'RSS checks':>11}  (MiB)")
+    for r in rows:
+        print(f"{r['J']:>8} {r['step_ms']:8.2f} {r['setup_s']:8.2f} {r['run_s']:7.2f} "
+              f"{r['checks_s']:9.2f} "
+              f"{r['checks_warm_s']:7.2f} {r['rss_data_mib']:9.0f} {r['rss_steps_mib']:10.0f} "
+              f"{r['rss_checks_mib']:11.0f}")
+    base = next((r for r in rows if r["J"] == 1000), None)
+    if base is not None:
+        for r in rows:
+            if r["J"] > 1000:
+                print(f"  J={r['J']} / J=1000: step time {r['step_ms'] / base['step_ms']:.2f}x, "
+                      f"peak RSS over the steps {r['rss_steps_mib'] / base['rss_steps_mib']:.2f}x"
+                      f", with the checks {r['rss_checks_mib'] / base['rss_checks_mib']:.2f}x "
+                      "(target ≤ 2x at J=10⁶)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-tasks", type=int, default=100)
@@ -71,7 +144,18 @@ def main() -> None:
                         help="skip the full step (e.g. with --max-tasks 1000000)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--whole-run", action="store_true",
+                        help="time MetaEB.run (steps, end-of-run checks, peak RSS), one "
+                             "process per J")
+    parser.add_argument("--steps", type=int, default=500, help="steps of --whole-run")
+    parser.add_argument("--one-run", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_run:
+        print(json.dumps(one_run(args.one_run, args.batch, args.steps)))
+        return
+    if args.whole_run:
+        whole_runs(args)
+        return
 
     driver = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace",
                         optimizer=optax.adam(0.05))

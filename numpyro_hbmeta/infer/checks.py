@@ -204,9 +204,11 @@ def lambda_max(driver: MetaEB, params, support, tasks) -> np.ndarray:
     """Largest eigenvalue of the inner loss's Hessian at φ⁰ for ``tasks``, by the driver's
     own compiled ``_lambda_max_at`` (the end-of-run implicit-prior check uses it too)."""
     constrained = driver._constrained(params, support, None)
-    if driver._processes:  # every local task, gathered: the named tasks live anywhere
-        return driver._gathered(driver._lambda_max_jit(constrained, driver._local(support))
-                                )[np.asarray(tasks)]
+    if driver._processes:  # every local task (chunk by chunk), gathered: the named tasks
+        # live anywhere
+        local = driver._per_task(lambda chunk: driver._lambda_max_jit(constrained, chunk),
+                                 driver._local(support))
+        return driver._gathered(local)[np.asarray(tasks)]
     subset = take_tasks(support, jnp.asarray(tasks))
     return np.asarray(driver._lambda_max_jit(constrained, subset))
 

@@ -39,7 +39,7 @@ from numpyro_hbmeta import sites, validate
 from numpyro_hbmeta.data import sample_task_batch, take_tasks
 from numpyro_hbmeta.infer import checks as eb_checks
 from numpyro_hbmeta.infer import sharding
-from numpyro_hbmeta.infer.diagnose import FitDiagnostics
+from numpyro_hbmeta.infer.diagnose import CHECK_CHUNK_SIZE, FitDiagnostics
 from numpyro_hbmeta.infer.implicit_prior import context_at
 from numpyro_hbmeta.infer.posterior import TaskPosterior, laplace_task_posterior
 from numpyro_hbmeta.infer.progress import Progress
@@ -136,6 +136,9 @@ class MetaEB(FitDiagnostics):
         self._chunk_jit = jax.jit(self._chunk, static_argnames=("config", "length"))
         self._loss_jit = jax.jit(self.loss)
         self._lambda_max_jit = jax.jit(self._lambda_max_at)
+        # The full-data passes (diagnose.py): one compiled function per chunk size.
+        self._chunk_loss_jit = jax.jit(self._chunk_loss, static_argnames=("plate_name",))
+        self._report_jit = jax.jit(self._report_chunk, static_argnames=("plate_name",))
         self._structures: dict[tuple, Any] = {}
 
     # -- the objective --------------------------------------------------------------------
@@ -473,7 +476,8 @@ class MetaEB(FitDiagnostics):
             return MetaEBResult(params, losses, state, monitor.inactive())
         return self._finish(state, losses, monitor, support, query,
                             loss_rtol=loss_rtol, grad_rtol=grad_rtol,
-                            batched=config.batch_size is not None or source is not None)
+                            batched=config.batch_size is not None or source is not None,
+                            chunk_size=max(config.batch_size or 0, CHECK_CHUNK_SIZE))
 
     def _stream(self, state, source: Episodes, key_steps, n: int, config: _Config):
         """``n`` steps on fresh episodes: one dispatch per step, one host sync per chunk."""
@@ -490,7 +494,7 @@ class MetaEB(FitDiagnostics):
         return state, infos, ran, data
 
     def _finish(self, state, losses, monitor: eb_checks.Monitor, support, query, *, loss_rtol,
-                grad_rtol, batched) -> MetaEBResult:
+                grad_rtol, batched, chunk_size=None) -> MetaEBResult:
         params = self._constrained(state.params, support, query)
         inactive = monitor.inactive()
         convergence = eb_checks.outer_convergence(losses, monitor.last_grad_norm,
@@ -502,8 +506,9 @@ class MetaEB(FitDiagnostics):
                 f"{convergence.describe()}. Run longer (run(..., init_state=result.state) goes "
                 "on from here), lower the learning rate if the loss oscillates, or use "
                 "optax.lbfgs() for a deterministic objective.", stacklevel=3)
-        self._warn_if_no_implicit_prior(params, support, query)
-        boundary = tuple(n for n in self._boundary_or_warn(params, support, query)
+        # Full-data passes in chunks of at least the task batch: memory O(chunk), not O(J).
+        self._warn_if_no_implicit_prior(params, support, query, chunk_size)
+        boundary = tuple(n for n in self._boundary_or_warn(params, support, query, chunk_size)
                          if n not in inactive)
         if boundary:
             warnings.warn(

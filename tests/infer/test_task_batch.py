@@ -49,3 +49,76 @@ def test_a_batched_step_costs_the_same_at_a_thousand_and_a_hundred_thousand_task
     # The 64 tasks' own work is the same; before Floyd's sampler the permutation of all J
     # indices made the step 15x dearer at 10⁵ (benchmarks/scale_tasks.py).
     assert large <= 1.05 * small, (small, large)
+
+
+# -- full-data passes in chunks (issue 12 item 3) ----------------------------------------------
+def test_chunked_full_loss_equals_the_whole_loss_with_a_ragged_last_chunk(x64):
+    # 200 tasks in chunks of 64: 64, 64, 64 and 8 (padded to 64 with weight 0). With
+    # hyperprior=True, log p(θ) must be counted once, not once per chunk.
+    support = linear.simulate(jax.random.PRNGKey(0), num_tasks=200, num_support=10).support
+    for hyperprior in (False, True):
+        driver = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace",
+                            hyperprior=hyperprior)
+        params = driver.init(jax.random.PRNGKey(1), support).params
+        whole = float(driver.loss(params, support))
+        np.testing.assert_allclose(driver._full_loss(params, support, chunk_size=64), whole,
+                                   rtol=1e-10)
+        # Data in host memory: each chunk is gathered by NumPy and only it is moved.
+        host = {k: np.asarray(v) for k, v in support.items()}
+        np.testing.assert_allclose(driver._full_loss(params, host, chunk_size=64), whole,
+                                   rtol=1e-10)
+
+
+def _schools(num_copies: int, spread: float):
+    from numpyro_hbmeta.models import eight_schools
+
+    data = eight_schools.load_data().support
+    return {k: np.tile(np.asarray(v, np.float64) * (spread if k == "y" else 1.0), num_copies)
+            for k, v in data.items()}
+
+
+@pytest.mark.parametrize("spread, tau, expected", [(1.0, 1e-2, ("tau",)),  # at 0
+                                                   (4.0, 20.0, ())])       # inside
+def test_boundary_check_gives_the_same_answer_chunked_and_whole(x64, spread, tau, expected):
+    from numpyro_hbmeta.models import eight_schools
+
+    support = _schools(5, spread)  # 40 schools; chunks of 3: the last one holds 1
+    driver = hbm.MetaEB(eight_schools.model, inner=hbm.Newton(), objective="laplace")
+    mu = float(np.average(support["y"], weights=1 / (support["sigma"] ** 2 + tau ** 2)))
+    params = {"mu": np.float64(mu), "tau": np.float64(tau)}
+    # The answer from the whole-data loss, as before chunking (loss(τ/1000) ≤ loss(τ) + tol).
+    unconstrained = {"mu": mu, "tau": np.log(tau)}
+    base = float(driver.loss(unconstrained, support))
+    shrunk = float(driver.loss({**unconstrained, "tau": np.log(tau * 1e-3)}, support))
+    whole = ("tau",) if shrunk <= base + 1e-6 * (1 + abs(base)) else ()
+    assert whole == expected
+    for chunk in (3, None):  # ragged chunks; one chunk of all 40
+        assert driver.boundary_sites(params, support, chunk_size=chunk) == expected
+
+
+def test_a_chunk_of_the_full_loss_uses_the_same_memory_at_a_thousand_and_a_hundred_thousand():
+    # The pass over all tasks is a gather of one chunk plus the compiled chunk loss; neither's
+    # temporary buffers may grow with J (the data are an argument, never copied whole). The
+    # whole-data loss, for contrast, needs temporaries in proportion to J.
+    driver = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace")
+    chunk = 256
+    params = driver.init(jax.random.PRNGKey(1), linear.simulate(
+        jax.random.PRNGKey(0), num_tasks=10, num_support=10).support).params
+    from numpyro_hbmeta.infer.diagnose import _take_jit
+
+    def temp_bytes(num_tasks):
+        data = {"x": jax.ShapeDtypeStruct((num_tasks, 10, 2), np.float32),
+                "y": jax.ShapeDtypeStruct((num_tasks, 10), np.float32)}
+        indices = jax.ShapeDtypeStruct((chunk,), np.int32)
+        gather = _take_jit.lower(data, indices).compile()
+        part = jax.eval_shape(_take_jit, data, indices)
+        loss = driver._chunk_loss_jit.lower(
+            params, part, None, indices, jax.ShapeDtypeStruct((chunk,), bool),
+            jax.ShapeDtypeStruct((), bool), plate_name="tasks").compile()
+        whole = driver._loss_jit.lower(params, data).compile()
+        return [c.memory_analysis().temp_size_in_bytes for c in (gather, loss, whole)]
+
+    small, large = temp_bytes(1_000), temp_bytes(100_000)
+    assert large[0] <= 1.05 * small[0] + 1024 and large[1] <= 1.05 * small[1] + 1024, (
+        small, large)
+    assert large[2] > 20 * large[1], (small, large)  # the unchunked pass does grow
