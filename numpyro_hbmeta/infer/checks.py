@@ -153,8 +153,10 @@ class Monitor:
             if hit.size and kind not in self.warned:
                 self.warned.add(kind)
                 data = step_data[hit[0]] if step_data is not None else (support, query)
-                self._warn(kind, int(steps[hit[0]]), task_list(tasks[hit]),
-                           int(counts[hit].max()), state, *data)
+                # The first step with such tasks: its count and its tasks (the union over
+                # the chunk's steps would not match the count the message gives).
+                self._warn(kind, int(steps[hit[0]]), task_list(tasks[hit[0]]),
+                           int(counts[hit[0]]), state, *data)
 
     def _refuse(self, infos, index, step, state, support, query, step_data) -> None:
         threshold = overflow_threshold(infos.grad_norm.dtype)
