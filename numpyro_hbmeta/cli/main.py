@@ -57,31 +57,26 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-progress", action="store_true", help="hide progress output")
     compare.add_argument("--x64", action="store_true", help="compute in float64")
     compare.add_argument("--compile-cache", default=None, metavar="DIR",
-                         help="JAX's persistent compilation cache, so a second run of the same "
-                              "model compiles nothing (default: $JAX_COMPILATION_CACHE_DIR, else "
-                              f"{_default_cache_dir()}; '' turns it off)")
+                         help="keep JAX's persistent compilation cache in DIR, so a second run "
+                              "of the same model loads its compiled programs instead of "
+                              "compiling them (default: off, or $JAX_COMPILATION_CACHE_DIR)")
     return parser
-
-
-def _default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return os.path.join(base, "numpyro_hbmeta", "jax")
 
 
 def _use_compile_cache(folder: str | None) -> str | None:
     """Turn on JAX's persistent compilation cache in ``folder`` (see ``--compile-cache``).
 
-    Most of a first ``hbmeta compare`` is XLA compiling the fits' steps (docs/performance.md);
-    the cache keys them by program and backend, so a repeated run loads them instead. Returns
-    the folder in use, or ``None`` when it is off or cannot be created (then JAX compiles as
-    usual: the cache only ever saves time).
+    Most of a first ``hbmeta compare`` is XLA compiling the fits' steps; with the cache a
+    repeated run loads them (docs/performance.md, "Compile time"). Off by default, as in JAX:
+    jaxlib 0.10 logs a spurious "Target machine feature ... not supported" error for every
+    program it loads on some x86 CPUs, and a cache shared by machines with different CPUs can
+    load code the host cannot run. Returns the folder in use, or ``None`` when it is off or
+    cannot be created (then JAX compiles as usual: the cache only ever saves time).
     """
     import jax
 
-    if folder is None:
-        if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX reads it itself
-            return os.environ["JAX_COMPILATION_CACHE_DIR"]
-        folder = _default_cache_dir()
+    if folder is None:  # JAX reads $JAX_COMPILATION_CACHE_DIR itself
+        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
     if not folder:
         return None
     path = Path(folder).expanduser()

@@ -86,20 +86,19 @@ def test_unwritable_out_fails_before_any_fit(tmp_path, capsys, monkeypatch):
                    "is not a writable folder")
 
 
-def test_compile_cache_folder_default_off_and_environment(tmp_path, monkeypatch, capsys):
+def test_compile_cache_is_off_unless_asked_for(tmp_path, monkeypatch, capsys):
     import jax
 
     from numpyro_hbmeta.cli.main import _use_compile_cache
 
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
     assert _use_compile_cache(None) == str(tmp_path / "env")  # JAX reads the variable itself
-    assert _use_compile_cache("") is None
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _use_compile_cache(None) is None and _use_compile_cache("") is None
     before = jax.config.jax_compilation_cache_dir
     try:
-        folder = _use_compile_cache(None)
-        assert folder == str(tmp_path / "xdg" / "numpyro_hbmeta" / "jax")
+        folder = _use_compile_cache(str(tmp_path / "cache"))
+        assert folder == str(tmp_path / "cache")
         assert Path(folder).is_dir() and jax.config.jax_compilation_cache_dir == folder
         blocked = tmp_path / "file"
         blocked.write_text("")
