@@ -37,6 +37,7 @@ from numpyro_hbmeta.data import take_tasks
 from numpyro_hbmeta.handlers import is_task_frame
 from numpyro_hbmeta.infer import checks as eb_checks
 from numpyro_hbmeta.infer import sharding
+from numpyro_hbmeta.infer.state import MetaEBResult
 from numpyro_hbmeta.inner import TruncatedGD
 from numpyro_hbmeta.marginal.meta_marginal import data_signature, trace_hidden
 
@@ -66,6 +67,36 @@ _take_jit = jax.jit(take_tasks)
 
 class FitDiagnostics:
     """End-of-run checks and the refused-step report of :class:`~numpyro_hbmeta.MetaEB`."""
+
+    def _finish(self, state, losses, monitor: eb_checks.Monitor, support, query, *, loss_rtol,
+                grad_rtol, batched, chunk_size=None) -> MetaEBResult:
+        """The end of :meth:`~numpyro_hbmeta.MetaEB.run`: judge outer convergence, then the
+        implicit prior and the boundary 0 of the scales at the fitted globals (warnings)."""
+        params = self._constrained(state.params, support, query)
+        inactive = monitor.inactive()
+        convergence = eb_checks.outer_convergence(losses, monitor.last_grad_norm,
+                                                  loss_rtol=loss_rtol, grad_rtol=grad_rtol,
+                                                  batched=batched)
+        if not convergence.converged:
+            warnings.warn(
+                f"MetaEB: the outer optimisation has not converged after {losses.size} steps: "
+                f"{convergence.describe()}. Run longer (run(..., init_state=result.state) goes "
+                "on from here), lower the learning rate if the loss oscillates, or use "
+                "optax.lbfgs() for a deterministic objective.", stacklevel=3)
+        # Full-data passes in chunks of at least the task batch: memory O(chunk), not O(J).
+        self._warn_if_no_implicit_prior(params, support, query, chunk_size)
+        boundary = tuple(n for n in self._boundary_or_warn(params, support, query, chunk_size)
+                         if n not in inactive)
+        if boundary:
+            warnings.warn(
+                f"MetaEB: the estimate of {', '.join(boundary)} is at its boundary 0 (the "
+                "objective does not decrease when it is shrunk 1000-fold): empirical Bayes "
+                "collapses the hierarchy there. Remedies: hyperprior=True (MAP-II) with a prior "
+                "on the scale whose density vanishes at 0, e.g. Gamma(2, rate) (Chung et al. "
+                "2013; a HalfNormal or HalfCauchy prior does not move the mode off 0), or "
+                "full Bayes over the globals with NUTS on meta_marginal(...).", stacklevel=3)
+        return MetaEBResult(params, losses, state, inactive, boundary,
+                            convergence)
 
     # -- full-data passes, chunk by chunk ------------------------------------------------
     def _chunk_length(self, num_tasks: int, chunk_size: int | None = None) -> int:

@@ -22,7 +22,6 @@ same numbers bit for bit, and ``run(k)`` then ``run(m, init_state=...)`` equals 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -525,34 +524,6 @@ class MetaEB(FitDiagnostics):
         # After a refused step the state stays put; the monitor raises on the first one.
         ran = np.ones(n, bool)
         return state, infos, ran, data
-
-    def _finish(self, state, losses, monitor: eb_checks.Monitor, support, query, *, loss_rtol,
-                grad_rtol, batched, chunk_size=None) -> MetaEBResult:
-        params = self._constrained(state.params, support, query)
-        inactive = monitor.inactive()
-        convergence = eb_checks.outer_convergence(losses, monitor.last_grad_norm,
-                                                  loss_rtol=loss_rtol, grad_rtol=grad_rtol,
-                                                  batched=batched)
-        if not convergence.converged:
-            warnings.warn(
-                f"MetaEB: the outer optimisation has not converged after {losses.size} steps: "
-                f"{convergence.describe()}. Run longer (run(..., init_state=result.state) goes "
-                "on from here), lower the learning rate if the loss oscillates, or use "
-                "optax.lbfgs() for a deterministic objective.", stacklevel=3)
-        # Full-data passes in chunks of at least the task batch: memory O(chunk), not O(J).
-        self._warn_if_no_implicit_prior(params, support, query, chunk_size)
-        boundary = tuple(n for n in self._boundary_or_warn(params, support, query, chunk_size)
-                         if n not in inactive)
-        if boundary:
-            warnings.warn(
-                f"MetaEB: the estimate of {', '.join(boundary)} is at its boundary 0 (the "
-                "objective does not decrease when it is shrunk 1000-fold): empirical Bayes "
-                "collapses the hierarchy there. Remedies: hyperprior=True (MAP-II) with a prior "
-                "on the scale whose density vanishes at 0, e.g. Gamma(2, rate) (Chung et al. "
-                "2013; a HalfNormal or HalfCauchy prior does not move the mode off 0), or "
-                "full Bayes over the globals with NUTS on meta_marginal(...).", stacklevel=3)
-        return MetaEBResult(params, losses, state, inactive, boundary,
-                            convergence)
 
     def _lambda_max_at(self, params, support):
         context = context_at(self.model, params, support)
