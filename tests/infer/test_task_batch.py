@@ -54,19 +54,20 @@ def test_a_batched_step_costs_the_same_at_a_thousand_and_a_hundred_thousand_task
 # -- full-data passes in chunks (issue 12 item 3) ----------------------------------------------
 def test_chunked_full_loss_equals_the_whole_loss_with_a_ragged_last_chunk(x64):
     # 200 tasks in chunks of 64: 64, 64, 64 and 8 (padded to 64 with weight 0). With
-    # hyperprior=True, log p(θ) must be counted once, not once per chunk.
-    support = linear.simulate(jax.random.PRNGKey(0), num_tasks=200, num_support=10).support
-    for hyperprior in (False, True):
-        driver = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace",
-                            hyperprior=hyperprior)
-        params = driver.init(jax.random.PRNGKey(1), support).params
-        whole = float(driver.loss(params, support))
-        np.testing.assert_allclose(driver._full_loss(params, support, chunk_size=64), whole,
-                                   rtol=1e-10)
-        # Data in host memory: each chunk is gathered by NumPy and only it is moved.
-        host = {k: np.asarray(v) for k, v in support.items()}
-        np.testing.assert_allclose(driver._full_loss(params, host, chunk_size=64), whole,
-                                   rtol=1e-10)
+    # hyperprior=True, log p(θ) must be counted once, not once per chunk (without it the
+    # chunks' sum is the plain sum of per-task terms, the case this one contains).
+    # MAML's objective (a cheap compile) with a query set: support and query are chunked alike.
+    data = linear.simulate(jax.random.PRNGKey(0), num_tasks=200, num_support=10, num_query=5)
+    driver = hbm.MetaEB(linear.model, inner=hbm.TruncatedGD(2, 1e-3), objective="maml",
+                        hyperprior=True)
+    params = driver.init(jax.random.PRNGKey(1), data.support, data.query).params
+    whole = float(driver.loss(params, data.support, data.query))
+    np.testing.assert_allclose(
+        driver._full_loss(params, data.support, data.query, chunk_size=64), whole, rtol=1e-10)
+    # Data in host memory: each chunk is gathered by NumPy and only it is moved.
+    host = [{k: np.asarray(v) for k, v in d.items()} for d in (data.support, data.query)]
+    np.testing.assert_allclose(driver._full_loss(params, *host, chunk_size=64), whole,
+                               rtol=1e-10)
 
 
 def _schools(num_copies: int, spread: float):
@@ -77,13 +78,19 @@ def _schools(num_copies: int, spread: float):
             for k, v in data.items()}
 
 
-@pytest.mark.parametrize("spread, tau, expected", [(1.0, 1e-2, ("tau",)),  # at 0
-                                                   (4.0, 20.0, ())])       # inside
-def test_boundary_check_gives_the_same_answer_chunked_and_whole(x64, spread, tau, expected):
+@pytest.fixture(scope="module")
+def schools_driver():
     from numpyro_hbmeta.models import eight_schools
 
+    return hbm.MetaEB(eight_schools.model, inner=hbm.Newton(), objective="laplace")
+
+
+@pytest.mark.parametrize("spread, tau, expected", [(1.0, 1e-2, ("tau",)),  # at 0
+                                                   (4.0, 20.0, ())])       # inside
+def test_boundary_check_gives_the_same_answer_chunked_and_whole(x64, schools_driver, spread,
+                                                                tau, expected):
     support = _schools(5, spread)  # 40 schools; chunks of 3: the last one holds 1
-    driver = hbm.MetaEB(eight_schools.model, inner=hbm.Newton(), objective="laplace")
+    driver = schools_driver  # one driver: its compiled losses serve both cases
     mu = float(np.average(support["y"], weights=1 / (support["sigma"] ** 2 + tau ** 2)))
     params = {"mu": np.float64(mu), "tau": np.float64(tau)}
     # The answer from the whole-data loss, as before chunking (loss(τ/1000) ≤ loss(τ) + tol).
