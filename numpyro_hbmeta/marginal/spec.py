@@ -178,11 +178,23 @@ def check_task_axis(data: Mapping[str, Any], num_tasks: int, what: str) -> None:
 
 
 def unflatten(spec: TaskSpec, phi: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """(tasks, d) -> unconstrained site values, each in its site's own layout."""
+    """(tasks, d) -> unconstrained site values, each in its site's own layout.
+
+    One ``jnp.split`` at the sites' offsets, not a slice per site: the same values, but
+    reverse mode turns the split into one ``concatenate`` of the sites' cotangents, where each
+    slice became a zero-padded (tasks, d) array and the gradient their sum (on XLA's CPU
+    backend one loop fusion evaluating every site's pad for every element). The inner loop
+    unflattens at every step, forward and backward: MAML on the sinusoid net with its six
+    weight arrays as six task sites went from 0.62–0.66× to 0.85–0.86× a hand-written JAX MAML, with
+    bit-identical results (``docs/performance.md``).
+    """
+    sites = spec.task_sites
+    blocks = (jnp.split(phi, [site.offset for site in sites[1:]], axis=1) if len(sites) > 1
+              else [phi])
     out = {}
-    for site in spec.task_sites:
+    for site, block in zip(sites, blocks, strict=True):
         rest = tuple(s for a, s in enumerate(site.unconstrained_shape) if a != site.task_axis)
-        block = phi[:, site.offset:site.offset + site.size].reshape((phi.shape[0], *rest))
+        block = block.reshape((phi.shape[0], *rest))
         out[site.name] = jnp.moveaxis(block, 0, site.task_axis)
     return out
 
