@@ -36,7 +36,8 @@ __all__ = ["Monitor", "OuterConvergence", "inner_remedy", "outer_convergence",
 
 #: Why an inactive global has no estimate (``FitResult.info["inactive_reason"]``).
 INACTIVE_REASON = ("not estimated: the {objective} objective does not depend on it (zero "
-                   "gradient), so its value would be the random start")
+                   "gradient), so its value would be the start value (MetaEB's random start or "
+                   "the init_params)")
 
 #: How many offending task indices a step records (a fixed size keeps the step jit-able).
 MAX_REPORTED_TASKS = 8
