@@ -83,6 +83,18 @@ def _check_batch_splits(batch: int, devices: int, num_tasks: int) -> None:
         f"multiple of {devices}: {' or '.join(map(str, valid))}")
 
 
+def _strongly_typed(tree):
+    """``tree`` with every weakly typed array made strongly typed (same dtype and values).
+
+    Optimisers may start with weakly typed scalars (``optax.lbfgs``'s line-search info, from
+    Python floats) that come out of a compiled step strongly typed; the state's abstract type
+    would then change after the first chunk of :meth:`MetaEB.run` and compile the whole chunk
+    a second time (the linear model with L-BFGS: 2 × 5 s).
+    """
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype)
+                        if getattr(x, "weak_type", False) else x, tree)
+
+
 class MetaEB(FitDiagnostics):
     """Empirical Bayes over the globals of a hierarchical model with marginalised tasks.
 
@@ -254,7 +266,8 @@ class MetaEB(FitDiagnostics):
             else:
                 shape = transform.inverse_shape(site_shape)
                 params[name] = jax.random.uniform(key, shape, minval=-2.0, maxval=2.0)
-        state = MetaEBState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
+        state = MetaEBState(params, _strongly_typed(self.optimizer.init(params)),
+                            jnp.zeros((), jnp.int32))
         # With a mesh, the layout update expects: every device holds the whole state.
         return state if self.mesh is None else sharding.replicate(state, self.mesh)
 
@@ -480,7 +493,7 @@ class MetaEB(FitDiagnostics):
                             params=probe or None, params_name="init_params")
         config = self._config(support, query, task_batch_size)
         state = (self.init(key_init, support, query, init_params) if init_state is None
-                 else init_state)
+                 else _strongly_typed(init_state))
         if self.mesh is not None and init_state is not None:  # init's is replicated already
             state = sharding.replicate(state, self.mesh)
         monitor = eb_checks.Monitor(self, key_steps)

@@ -127,6 +127,28 @@ def test_a_second_run_compiles_nothing(x64, data, maml):
     assert compiles == []
 
 
+def test_a_run_compiles_its_chunk_once_with_an_optimiser_that_starts_weakly_typed(x64, data):
+    # optax.lbfgs starts its line-search info with weakly typed Python floats that leave the
+    # first compiled chunk strongly typed; unless init normalises them, the second chunk
+    # compiled the whole loop again.
+    driver = hbm.MetaEB(linear.model, inner=hbm.TruncatedGD(3, 0.001), objective="maml",
+                        optimizer=optax.lbfgs())
+    chunks = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event and "_chunk" in str(kwargs.get("fun_name")):
+            chunks.append(kwargs["fun_name"])
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:  # 51 steps: two chunks (50 + 1)
+        fit = driver.run(jax.random.PRNGKey(7), 51, data.support, data.query,
+                         progress_bar=False, final_checks=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert int(fit.state.step) == 51
+    assert chunks == ["jit(_chunk)"]
+
+
 def test_save_load_then_sample_posterior_equals_the_original(tmp_path, data):
     driver = hbm.MetaEB(linear.model, inner=hbm.Newton(), objective="laplace",
                         optimizer=optax.adam(0.05))
