@@ -76,7 +76,10 @@ def launch(num_steps: int, *, timeout: float = 600.0) -> list[dict]:
     """Start the processes, wait for them (killing all on a failure or after ``timeout``
     seconds) and return each one's fitted globals, by process id."""
     port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    # One CPU device per process: a forced host device count is dropped, other flags kept.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), "--port",
                                str(port), "--steps", str(num_steps)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -124,8 +124,9 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_run_equals_single_device_run():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "MPLBACKEND": "Agg"}
+    # The suite's own XLA flags (conftest: the cheapest backend optimisation level) are kept.
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags.strip(), "MPLBACKEND": "Agg"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-6000:]
