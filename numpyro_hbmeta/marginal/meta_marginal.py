@@ -314,20 +314,15 @@ class MetaMarginal:
 
     def _solve_and_score(self, context: TaskContext, support, query):
         """φ̂, the per-task objective, the inner diagnostics and the smallest curvature
-        eigenvalue; called eagerly, as one jitted function of the globals and the data arrays.
+        eigenvalue, as one jitted function of the globals and the data arrays.
 
-        Eagerly (NumPyro's MCMC initialisation runs the model outside ``jit``; so do
+        Called eagerly (NumPyro's MCMC initialisation runs the model outside ``jit``; so do
         ``Predictive`` and a user's own call), the inner solve would otherwise dispatch op by
         op, compiling each small operation on its own (the logistic zoo model: 299 compiles,
-        12.5 s for one eager call; jitted: 52 compiles, 3.9 s). Under an outer trace it is
-        inlined: a nested ``jit`` there only adds the work of transforming its jaxpr (the
-        logistic model's first MetaEB step traced in 1.18 s instead of 0.67 s). Non-array
-        arguments of the model (e.g. a Python int) stay static.
+        12.5 s for one eager call). Under an outer trace, the jaxpr is traced once per data
+        signature and reused by every evaluation of the step (a line search's, NUTS's).
+        Non-array arguments of the model (e.g. a Python int) stay static.
         """
-        arguments = (context.globals_, context.indices, context.phi0, support, query)
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments)):
-            return self._core(context.spec, {}, None if query is None else {},
-                              context.globals_, context.indices, context.phi0, support, query)
         support_arrays, support_rest = _arrays_and_rest(support)
         query_arrays, query_rest = _arrays_and_rest(query)
         key = (context.spec, support_rest, query_rest)
