@@ -142,9 +142,6 @@ class MetaEB(FitDiagnostics):
         self.hyperprior = bool(hyperprior)
         # Compiled once per driver (jax.jit caches per shape and static config): a second
         # run, or a run after update, compiles nothing.
-        # Inside a step the objective is traced once and its jaxpr reused wherever the step
-        # evaluates it again (an optimiser's line search calls value_fn several times).
-        self._objective_jit = jax.jit(self._objective, static_argnames=("split_batch",))
         self._update_jit = jax.jit(self._update, static_argnames=("config",))
         self._guarded_jit = jax.jit(self._guarded, static_argnames=("config",))
         self._chunk_jit = jax.jit(self._chunk, static_argnames=("config", "length"))
@@ -384,10 +381,10 @@ class MetaEB(FitDiagnostics):
                     self.mesh, jax.sharding.PartitionSpec()))
 
         def value_fn(params):
-            return self._objective_jit(params, support, query, indices, split_batch=True)[0]
+            return self._objective(params, support, query, indices, split_batch=True)[0]
 
         (value, (diverged, unconverged)), grads = jax.value_and_grad(
-            lambda p: self._objective_jit(p, support, query, indices, split_batch=True),
+            lambda p: self._objective(p, support, query, indices, split_batch=True),
             has_aux=True)(state.params)
         updates, opt_state = self.optimizer.update(
             grads, state.opt_state, state.params, value=value, grad=grads, value_fn=value_fn)
