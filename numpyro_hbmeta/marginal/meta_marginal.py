@@ -345,6 +345,8 @@ class MetaMarginal:
 
     def _core(self, spec: TaskSpec, support_rest, query_rest, globals_, indices, phi0,
               support, query):
+        """What :meth:`_solve_and_score` compiles: the context rebuilt from its arrays (the
+        transforms are only needed to emit φ̂, outside), the solve and the objective."""
         context = TaskContext(spec, globals_, indices, phi0, transforms={})
         support = {**support, **support_rest}
         query = None if query_rest is None else {**query, **query_rest}
