@@ -325,21 +325,17 @@ class MetaMarginal:
         J = 1000, lowered to 337k instead of 815k characters of StableHLO), NUTS's several
         traces of its potential. One level of nesting only: a second ``jit`` around it (the
         whole MetaEB objective) made tracing the first step 1.6× slower. Non-array arguments
-        of the model (e.g. a Python int) stay static.
+        of the model (e.g. a Python int) stay static: after ``validate.task_data`` they are
+        ``None``, bools and numbers, all hashable, so they key the cache.
         """
         support_arrays, support_rest = _arrays_and_rest(support)
         query_arrays, query_rest = _arrays_and_rest(query)
         key = (context.spec, support_rest, query_rest)
-        try:
-            core = self._cores.get(key)
-        except TypeError:  # an unhashable non-array argument: compiled for this call only
-            key, core = None, None
+        core = self._cores.get(key)
         if core is None:
-            core = jax.jit(functools.partial(
+            core = self._cores[key] = jax.jit(functools.partial(
                 self._core, context.spec, dict(support_rest),
                 None if query_rest is None else dict(query_rest)))
-            if key is not None:
-                self._cores[key] = core
         return core(context.globals_, context.indices, context.phi0, support_arrays,
                     query_arrays)
 
