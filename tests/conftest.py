@@ -1,6 +1,7 @@
 """Shared fixtures (exactness tests run in float64 through ``x64``), the test order, and
 JAX's persistent compilation cache for the whole run."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -52,6 +53,28 @@ def pytest_collection_modifyitems(session, config, items):
                      if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
 
     items.sort(key=rank)
+
+
+@pytest.fixture
+def compiles():
+    """``with compiles() as names:`` records the function name of every XLA backend
+    compilation inside the block (``jax.monitoring``), e.g. ``"jit(_chunk)"``."""
+
+    @contextlib.contextmanager
+    def record():
+        names: list[str] = []
+
+        def listener(event, duration, **kwargs):
+            if "backend_compile" in event:
+                names.append(str(kwargs.get("fun_name")))
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            yield names
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+
+    return record
 
 
 @pytest.fixture

@@ -13,35 +13,19 @@ import numpyro_hbmeta as hbm
 from numpyro_hbmeta.models import linear
 
 
-def compiles_during(fn):
-    names = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            names.append(str(kwargs.get("fun_name")))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        out = fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return out, names
-
-
-def test_an_eager_call_compiles_the_solve_once_and_equals_the_jitted_call(x64):
+def test_an_eager_call_compiles_the_solve_once_and_equals_the_jitted_call(x64, compiles):
     data = linear.simulate(jax.random.PRNGKey(0), num_tasks=5, num_support=6).support
     marginal = hbm.meta_marginal(linear.model, inner=hbm.Newton(), objective="laplace")
     params = {"theta": jnp.array([0.3, -0.2]), "tau": jnp.asarray(0.8),
               "sigma": jnp.asarray(0.6)}
     marginal.check(data)
 
-    def eager():
-        return log_density(marginal, (data,), {}, params)
-
-    (value, trace), names = compiles_during(eager)
+    with compiles() as names:
+        value, trace = log_density(marginal, (data,), {}, params)
     # Newton's loops would each compile on their own (jit(while)) if run op by op.
     assert names.count("jit(_core)") == 1 and "jit(while)" not in names, names
-    (again, _), names = compiles_during(eager)
+    with compiles() as names:
+        again, _ = log_density(marginal, (data,), {}, params)
     assert "jit(_core)" not in names, names          # cached per task structure
     jitted = jax.jit(lambda p: log_density(marginal, (data,), {}, p)[0])(params)
     np.testing.assert_allclose(value, jitted, rtol=1e-12)
